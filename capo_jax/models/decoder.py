@@ -1,0 +1,283 @@
+"""A Flax NNX decoder-only transformer covering Qwen2/Qwen2.5 and Llama-style checkpoints.
+
+Block (pre-norm, as in HF `Qwen2DecoderLayer` / `LlamaDecoderLayer`):
+
+    h   = x + o_proj(Attn(RoPE(q_proj(n₁(x))), RoPE(k_proj(n₁(x))), v_proj(n₁(x))))
+    out = h + down_proj(silu(gate_proj(n₂(h))) ⊙ up_proj(n₂(h)))
+    nᵢ(x) = wᵢ ⊙ x / sqrt(mean(x²) + ε)                                  (RMSNorm, computed in float32)
+
+with grouped-query attention (N query heads share K key/value heads) through `jax.nn.dot_product_attention`, RoPE in
+the HF "rotate-half" layout, and a final RMSNorm whose output (the "hidden states") multiplies the unembedding:
+logits = hidden @ Wᵀ, W = `lm_head.weight` [V,H] or, when tied, the embedding table.
+
+Padding: batches are left-padded; `attention_mask_bt` marks real tokens. A query attends to the real keys at or
+before it (and to itself, so rows of pads never see an empty softmax). Positions default to cumsum(mask) - 1, so the
+first real token of every row has position 0 as in HF.
+
+KV cache: a plain pytree (`KVCache`) with k/v of shape [L,B,S,K,D], per-slot validity [B,S] and one scalar write
+index shared by the batch (left padding keeps rows aligned). A call with a cache writes its T new keys/values at
+slots [index, index+T), attends over all S slots with the causal + validity mask, and returns the cache with
+index += T. The caller must keep index + T ≤ S (a larger write is clamped by XLA, not reported).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from capo_jax.models.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+  """Decoding state; a plain pytree that can be carried through `lax.while_loop`, donated and sharded.
+
+  Attributes:
+    k: [L,B,S,K,D] keys after RoPE, in the compute dtype.
+    v: [L,B,S,K,D] values.
+    valid: [B,S] bool, True where the slot holds a real (non-pad) token.
+    index: [] int32, the slot the next token is written to (= number of slots filled so far).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+
+class CausalLMOutput(NamedTuple):
+  """logits: [B,T,V] float32 or None; hidden: [B,T,H] final normed hidden states; cache: KVCache or None."""
+
+  logits: jax.Array | None
+  hidden: jax.Array
+  cache: KVCache | None
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+  """An empty KVCache for `cfg`: k/v zeros [L,B,S,K,D] (compute dtype unless `dtype`), no valid slot, index 0."""
+  shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """w ⊙ x / sqrt(mean(x², -1) + ε), normalised in float32 and returned in x's dtype (as HF does)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_cos_sin(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos/sin of the RoPE angles p·θ^(-2i/D), i < D/2, as [B,T,D/2] float32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles_btf), jnp.sin(angles_btf)
+
+
+def apply_rope(x_btnd: jax.Array, cos_btf: jax.Array, sin_btf: jax.Array) -> jax.Array:
+  """Rotates pairs (x_i, x_{i+D/2}) by the angle of frequency i (HF's rotate_half layout), in float32."""
+  x1, x2 = jnp.split(x_btnd.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos_btf[:, :, None, :], sin_btf[:, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_btnd.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, size: int, eps: float, param_dtype):
+    self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE; q/k/v (and optionally o) biases."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    self.implementation = cfg.attention_implementation
+    linear = lambda i, o, bias: nnx.Linear(
+        i, o, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+    h, n, k, d = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+    self.q_proj = linear(h, n * d, cfg.attention_bias)
+    self.k_proj = linear(h, k * d, cfg.attention_bias)
+    self.v_proj = linear(h, k * d, cfg.attention_bias)
+    self.o_proj = linear(n * d, h, cfg.attention_out_bias)
+
+  def __call__(self, x_bth, cos_btf, sin_btf, mask_b1ts, kv=None):
+    """Returns (output [B,T,H], kv).
+
+    kv is None (keys are the T tokens of this call) or (k_cache [L,B,S,K,D], v_cache, layer, index): the new keys and
+    values are written into the stacked caches at [layer, :, index:index+T] (in place under jit) and the query
+    attends over the S slots of this layer.
+    """
+    b, t, _ = x_bth.shape
+    q_btnd = self.q_proj(x_bth).reshape(b, t, self.num_heads, self.head_dim)
+    k_btkd = self.k_proj(x_bth).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v_btkd = self.v_proj(x_bth).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q_btnd = apply_rope(q_btnd, cos_btf, sin_btf)
+    k_btkd = apply_rope(k_btkd, cos_btf, sin_btf)
+    if kv is None:
+      keys, values = k_btkd, v_btkd
+    else:
+      k_cache, v_cache, layer, index = kv
+      start = (layer, 0, index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkd[None].astype(k_cache.dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkd[None].astype(v_cache.dtype), start)
+      keys, values = k_cache[layer].astype(q_btnd.dtype), v_cache[layer].astype(q_btnd.dtype)
+      kv = (k_cache, v_cache, layer, index)
+    out_btnd = jax.nn.dot_product_attention(
+        q_btnd, keys, values, mask=mask_b1ts, implementation=self.implementation)
+    return self.o_proj(out_btnd.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) ⊙ up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    linear = lambda i, o: nnx.Linear(
+        i, o, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+    self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+    self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+    self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.storage_dtype)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.storage_dtype)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_bth, cos_btf, sin_btf, mask_b1ts, kv=None):
+    attn_out, kv = self.self_attn(self.input_layernorm(x_bth), cos_btf, sin_btf, mask_b1ts, kv)
+    h_bth = x_bth + attn_out
+    return h_bth + self.mlp(self.post_attention_layernorm(h_bth)), kv
+
+
+def _layer_without_cache(layer, x_bth, cos_btf, sin_btf, mask_b1ts):
+  return layer(x_bth, cos_btf, sin_btf, mask_b1ts)[0]
+
+
+class Unembedding(nnx.Module):
+  """The untied output head, stored HF-style as `weight` [V,H] (logits = hidden @ weightᵀ)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.weight = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.storage_dtype))
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only LM. See the module docstring for the math; `__call__` for the calling contract.
+
+  Parameter paths: embed/embedding [V,H]; layers/<i>/{input_layernorm,post_attention_layernorm}/weight [H];
+  layers/<i>/self_attn/{q,k,v,o}_proj/{kernel [in,out], bias}; layers/<i>/mlp/{gate,up,down}_proj/kernel;
+  norm/weight [H]; lm_head/weight [V,H] (untied only).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+        embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.storage_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Unembedding(cfg, rngs=rngs)
+
+  def unembedding(self) -> jax.Array:
+    """W [V,H] (param dtype) with logits = hidden @ Wᵀ: `lm_head.weight`, or the embedding table when tied."""
+    if self.config.tie_word_embeddings:
+      return self.embed.embedding[...]
+    return self.lm_head.weight[...]
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache of S = max_length slots (k/v in the compute dtype unless `dtype` is given)."""
+    return init_cache(self.config, batch_size, max_length, dtype)
+
+  def __call__(self, tokens_bt, positions_bt=None, attention_mask_bt=None, cache: KVCache | None = None, *,
+               return_logits: bool = True) -> CausalLMOutput:
+    """Forward pass over T new tokens.
+
+    Args:
+      tokens_bt: [B,T] int token ids (left-padded).
+      positions_bt: [B,T] int RoPE positions; default cumsum(mask) - 1, offset by the real tokens already in the
+        cache (Σ cache.valid per row) when a cache is given.
+      attention_mask_bt: [B,T] 0/1 or bool, 1 for real tokens; default all ones.
+      cache: KVCache to append to (decoding), or None for a full forward.
+      return_logits: False skips the unembedding (logits=None), e.g. for a loss that fuses it in chunks.
+
+    Returns:
+      CausalLMOutput(logits [B,T,V] float32 | None, hidden [B,T,H] compute dtype, cache with index += T | None).
+    """
+    cfg = self.config
+    chex.assert_rank(tokens_bt, 2)
+    b, t = tokens_bt.shape
+    if attention_mask_bt is None:
+      mask_bt = jnp.ones((b, t), bool)
+    else:
+      chex.assert_shape(attention_mask_bt, (b, t))
+      mask_bt = attention_mask_bt.astype(bool)
+    if positions_bt is None:
+      past_b = jnp.zeros((b,), jnp.int32) if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
+      positions_bt = jnp.maximum(past_b[:, None] + jnp.cumsum(mask_bt, axis=-1, dtype=jnp.int32) - 1, 0)
+    else:
+      chex.assert_shape(positions_bt, (b, t))
+
+    # allowed[b,t,s]: query t may attend to key slot s — causal, real key, or itself (keeps pad rows finite).
+    if cache is None:
+      query_slot_t = jnp.arange(t)
+      key_valid_bs = mask_bt
+      num_slots = t
+    else:
+      chex.assert_shape(cache.valid, (b, None))
+      query_slot_t = cache.index + jnp.arange(t)
+      key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
+      num_slots = cache.valid.shape[1]
+    key_slot_s = jnp.arange(num_slots)
+    causal_ts = key_slot_s[None, :] <= query_slot_t[:, None]
+    self_ts = key_slot_s[None, :] == query_slot_t[:, None]
+    allowed_b1ts = (causal_ts[None] & (key_valid_bs[:, None, :] | self_ts[None]))[:, None]
+
+    cos_btf, sin_btf = rope_cos_sin(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+    x_bth = self.embed(tokens_bt)
+    if cache is None:
+      layer_fn = nnx.remat(_layer_without_cache) if cfg.remat else _layer_without_cache
+      for layer in self.layers:
+        x_bth = layer_fn(layer, x_bth, cos_btf, sin_btf, allowed_b1ts)
+      new_cache = None
+    else:
+      k_cache, v_cache = cache.k, cache.v
+      for i, layer in enumerate(self.layers):
+        x_bth, (k_cache, v_cache, _, _) = layer(
+            x_bth, cos_btf, sin_btf, allowed_b1ts, (k_cache, v_cache, i, cache.index))
+      new_cache = KVCache(k=k_cache, v=v_cache, valid=key_valid_bs, index=cache.index + t)
+
+    hidden_bth = self.norm(x_bth)
+    logits_btv = None
+    if return_logits:
+      logits_btv = jnp.einsum('bth,vh->btv', hidden_bth, self.unembedding().astype(hidden_bth.dtype),
+                              preferred_element_type=jnp.float32)
+    return CausalLMOutput(logits=logits_btv, hidden=hidden_bth, cache=new_cache)
+
+
+def apply(graphdef: nnx.GraphDef, state: nnx.State, tokens_bt, positions_bt=None, attention_mask_bt=None,
+          cache: KVCache | None = None, *, return_logits: bool = True) -> CausalLMOutput:
+  """Pure functional call: `nnx.merge(graphdef, state)(...)`, for use inside jitted / differentiated functions.
+
+  `graphdef, state = nnx.split(model)`; the model holds no mutable state, so nothing needs to be split back out.
+  """
+  model = nnx.merge(graphdef, state)
+  return model(tokens_bt, positions_bt, attention_mask_bt, cache, return_logits=return_logits)
