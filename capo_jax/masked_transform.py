@@ -1,0 +1,346 @@
+"""``capo_jax.masked_transform``: CAPO's curvature token mask as an optax transformation.
+
+Contract — the mask is a pure function of the optimizer state and ONE forward pass, read before ONE ``jax.grad``:
+
+    capo = capo_jax.masked_transform(optax.adamw(sched), tau_fisher=1e-4, tau_hessian=1e-2, learning_rate=sched)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), capo)     # composes with anything before / after it
+    opt_state = tx.init(params)
+
+    def loss_fn(params, opt_state, batch):
+      out = apply(params, batch.tokens)                          # the only forward pass
+      mask_bt, aux = capo.token_mask(opt_state, out.hidden, out.logits, batch.actions, batch.adv, batch.mask)
+      loss, _ = policy_loss(..., token_mask_bt=mask_bt)           # rejected tokens leave the loss
+      return loss, aux
+    grads, aux = jax.grad(loss_fn, has_aux=True)(params, opt_state, batch)   # the only backward pass
+    updates, opt_state = tx.update(grads, opt_state, params, capo_aux=aux)   # bookkeeping
+    params = optax.apply_updates(params, updates)
+
+``token_mask`` runs on ``jax.lax.stop_gradient`` of the forward's hidden states and logits: the mask is piecewise
+constant, contributes no gradient, and the single backward pass is exactly the gradient of the loss with the
+rejected tokens removed (including the loss's renormalisation by the kept tokens). ``update`` then runs the wrapped
+optimizer on those gradients, advances the shadow Adam moments (``moments="shadow"``) with the masked batch-mean
+per-row gradient carried by ``capo_aux``, and stores the mask statistics in the state for logging.
+
+Why this shape (issue 4's option (a), not the vjp/pullback option (b)): the mask must be known before the backward
+pass, and it only needs the forward's outputs plus the optimizer's state *before* the step, both of which the train
+step already holds. Masking inside the loss keeps every loss variant (clip, GSPO, CISPO, KL, entropy, each
+aggregation and its renormalisation) unchanged and exact, whereas masking logit cotangents inside the transform
+would have to re-derive each loss's per-token weights and normalisation. The transform stays an ordinary
+``GradientTransformationExtraArgs`` over ordinary gradients, so clipping, schedules, ``optax.MultiSteps`` or weight
+decay compose around it as with ``optax.masked``.
+
+Direction model (``direction="adam"``): by default the REAL moments of the wrapped optimizer's ``ScaleByAdamState``
+are read (rows gathered by token id from the unembedding leaf, found by ``unembedding_predicate``; optax's moments
+are of the loss, hence the sign flip in ``curvature.adam_direction``). ``moments="shadow"`` instead keeps the
+reference's own Adam moments of the unembedding (of the objective gradient, updated after each step with the masked
+batch-mean per-row top-K gradient) for bit-faithful comparison. ``direction="sgd"`` needs no moments.
+
+η: ``learning_rate`` (float, or optax schedule evaluated at this transform's update count = the wrapped optimizer's
+step count) or, when None, the ``learning_rate`` hyper-parameter of an ``optax.inject_hyperparams`` inner optimizer
+(its stored value is the one used by the LAST update, i.e. it lags a schedule by one step; pass ``learning_rate=`` to
+be exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+from capo_jax import curvature as cv
+
+Array = jax.Array
+UnembeddingPredicate = Callable[[tuple[str, ...], Any], bool]
+
+METRIC_KEYS = (*cv.METRIC_KEYS, "learning_rate")
+_TIED_NAMES = ("embed", "embedding", "embed_tokens")
+
+
+class ShadowAdamState(NamedTuple):
+  """The reference's shadow Adam of the unembedding: moments of the OBJECTIVE gradient, [V,H]."""
+
+  count: Array
+  mu: Array
+  nu: Array
+
+
+class MaskedTransformState(NamedTuple):
+  """State of ``masked_transform``: a pytree that jits, shards and round-trips through Orbax."""
+
+  count: Array  # int32 number of updates taken (the schedule index for η)
+  inner_state: optax.OptState
+  shadow: ShadowAdamState | optax.EmptyState
+  metrics: dict[str, Array]  # the last step's mask statistics (``METRIC_KEYS``)
+
+
+class CapoAux(NamedTuple):
+  """What ``token_mask`` returns next to the mask; hand it back as ``tx.update(..., capo_aux=aux)``."""
+
+  mask_bt: Array  # final 0/1 mask: completion mask × curvature mask
+  metrics: dict[str, Array]
+  m_hessian: Array  # the statistics behind the mask: [B,T] token, [B] sentence, [] global
+  m_fisher: Array
+  hidden_bth: Array  # stop-gradient'ed forward outputs needed by the shadow-moment update
+  top_k: cv.TopKPolicy
+  advantages_b: Array
+
+
+def _path_names(path) -> tuple[str, ...]:
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  return tuple(names)
+
+
+def _default_predicate(names: tuple[str, ...], leaf: Any) -> bool:
+  del leaf
+  return "lm_head" in names
+
+
+def _tied_predicate(names: tuple[str, ...], leaf: Any) -> bool:
+  del leaf
+  return any(n in _TIED_NAMES for n in names)
+
+
+def find_unembedding(tree: Any, predicate: UnembeddingPredicate | None = None) -> tuple[tuple[str, ...], Array]:
+  """The [V,H] unembedding leaf of a params-shaped tree: (path names, leaf).
+
+  ``predicate(path_names, leaf) -> bool`` selects it among the rank-2 leaves. Default: a path containing 'lm_head',
+  else (tied embeddings) one containing 'embed'/'embedding'/'embed_tokens'. Exactly one leaf must match.
+  """
+  leaves = [(_path_names(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if getattr(x, "ndim", None) == 2]
+  predicates = [predicate] if predicate is not None else [_default_predicate, _tied_predicate]
+  for pred in predicates:
+    found = [(n, x) for n, x in leaves if pred(n, x)]
+    if len(found) == 1:
+      return found[0]
+    if len(found) > 1:
+      raise ValueError(f"the unembedding predicate matches {len(found)} rank-2 parameters "
+                       f"({['/'.join(n) for n, _ in found]}); pass unembedding_predicate= that selects exactly one.")
+  raise ValueError("no rank-2 parameter matches the unembedding predicate (default: a path containing 'lm_head', "
+                   "else the tied 'embed'/'embedding' table); pass unembedding_predicate=lambda path, leaf: ... "
+                   f"Rank-2 parameters seen: {['/'.join(n) for n, _ in leaves][:20]}.")
+
+
+def _adam_states(inner_state: Any) -> list[optax.ScaleByAdamState]:
+  return [s for _, s in otu.tree_get_all_with_path(inner_state, "ScaleByAdamState")]
+
+
+def _injected(inner_state: Any, name: str) -> Array | None:
+  for _, hyper in otu.tree_get_all_with_path(inner_state, "hyperparams"):
+    if isinstance(hyper, dict) and name in hyper:
+      return hyper[name]
+  return None
+
+
+def _find_own_state(opt_state: Any) -> MaskedTransformState:
+  if isinstance(opt_state, MaskedTransformState):
+    return opt_state
+  found = [s for _, s in otu.tree_get_all_with_path(opt_state, "MaskedTransformState")]
+  if len(found) != 1:
+    raise ValueError(f"expected exactly one masked_transform state inside opt_state, found {len(found)}; pass the "
+                     "state returned by the chain's init/update.")
+  return found[0]
+
+
+class MaskedTransformation(optax.GradientTransformationExtraArgs):
+  """``optax.GradientTransformationExtraArgs`` plus ``token_mask`` (see the module docstring for the contract)."""
+
+  def token_mask(self, opt_state: Any, hidden_bth: Array, logits_btv: Array, tokens_bt: Array, advantages_b: Array,
+                 completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+    """CAPO's final mask [B,T] (completion × curvature, float32) and the ``CapoAux`` for ``update``.
+
+    Pure and jit-able; reads only ``opt_state`` (the whole chain's state or this transform's) and stop-gradient'ed
+    forward outputs. ``logits_btv[:, t]`` / ``hidden_bth[:, t]`` must be those that sampled ``tokens_bt[:, t]``.
+    """
+    return self._token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt)
+
+
+def masked_transform(
+    inner: optax.GradientTransformation,
+    *,
+    tau_fisher: float,
+    tau_hessian: float,
+    learning_rate: float | optax.Schedule | None = None,
+    top_k: int = 50,
+    direction: str = "adam",
+    moments: str = "real",
+    unembedding_predicate: UnembeddingPredicate | None = None,
+    hessian_rule: cv.HessianRule = "symmetric",
+    granularity: cv.Granularity = "token",
+    temperature: float = 1.0,
+    b1: float | None = None,
+    b2: float | None = None,
+    eps: float | None = None,
+    chunk_size: int = 256,
+) -> MaskedTransformation:
+  """Wraps ``inner`` so that the train step can mask CAPO-rejected tokens (CAPO.md §2) before its backward pass.
+
+  Args:
+    inner: the optimizer whose step is modelled (normally ``optax.adam``/``adamw``, possibly inject_hyperparams).
+    tau_fisher: τ_F > 0; keep iff m_F < τ_F.
+    tau_hessian: τ_H > 0; keep iff |m_H| < τ_H (symmetric) or 0 ≤ m_H < τ_H (``hessian_rule="nonsymmetric"``).
+    learning_rate: η as a float or optax schedule (evaluated at the update count); None → read the inner
+      ``inject_hyperparams`` state's ``learning_rate``.
+    top_k: K of the last-layer model (the sampler's top_k); must be ≤ V (checked at init).
+    direction: ``"adam"`` (default) or ``"sgd"`` direction model.
+    moments: ``"real"`` (the inner optimizer's Adam moments) or ``"shadow"`` (the reference's own shadow Adam).
+    unembedding_predicate: ``(path_names, leaf) -> bool`` selecting the [V,H] unembedding parameter
+      (default: 'lm_head', else the tied 'embed'/'embedding' table).
+    hessian_rule, granularity: see ``capo_jax.curvature`` (granularity "sentence"/"global" masks whole rows/batch).
+    temperature: logits are divided by it before the top-K softmax (match the sampler).
+    b1, b2, eps: Adam constants of the direction model; default: the inner ``inject_hyperparams`` values if any,
+      else optax's (0.9, 0.999, 1e-8).
+    chunk_size: tokens per chunk of the Adam token model (peak extra memory ≈ 6·chunk_size·K·H).
+
+  Returns:
+    A ``MaskedTransformation``: an ``optax.GradientTransformationExtraArgs`` whose ``update`` accepts the extra arg
+    ``capo_aux`` (required with ``moments="shadow"``), plus the method ``token_mask``.
+  """
+  cv._check_positive("tau_fisher", tau_fisher)
+  cv._check_positive("tau_hessian", tau_hessian)
+  cv._check_rule(hessian_rule)
+  if direction not in ("adam", "sgd"):
+    raise ValueError(f"direction must be 'adam' or 'sgd', got {direction!r}.")
+  if moments not in ("real", "shadow"):
+    raise ValueError(f"moments must be 'real' or 'shadow', got {moments!r}.")
+  if granularity not in cv._GRANULARITIES:
+    raise ValueError(f"granularity must be one of {cv._GRANULARITIES}, got {granularity!r}.")
+  if not isinstance(top_k, int) or top_k < 1:
+    raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
+  if learning_rate is not None and not callable(learning_rate):
+    cv._check_positive("learning_rate", learning_rate)
+  inner = optax.with_extra_args_support(inner)
+  real_adam = direction == "adam" and moments == "real"
+
+  def check_inner_state(inner_state, *, at_init):
+    where = "" if at_init else " (probed at construction)"
+    if real_adam and len(_adam_states(inner_state)) != 1:
+      n = len(_adam_states(inner_state))
+      raise ValueError(f"direction='adam' with moments='real' reads the inner optimizer's Adam moments, but its state "
+                       f"holds {n} ScaleByAdamState{where}; wrap an Adam-family optimizer (optax.adam/adamw), or use "
+                       "moments='shadow' or direction='sgd'.")
+    if learning_rate is None and _injected(inner_state, "learning_rate") is None:
+      raise ValueError(f"no learning rate for CAPO's η{where}: pass learning_rate= (float or schedule) or wrap the "
+                       "inner optimizer with optax.inject_hyperparams so its learning_rate is in the state.")
+
+  # Construction-time probe on a dummy parameter; optimizers that need a specific params structure are checked at init.
+  try:
+    probe = jax.eval_shape(inner.init, {"lm_head": {"weight": jax.ShapeDtypeStruct((2, 2), jnp.float32)}})
+  except Exception:  # pylint: disable=broad-except
+    probe = None
+  if probe is not None:
+    check_inner_state(probe, at_init=False)
+
+  def adam_constants(inner_state):
+    def pick(given, name, default):
+      if given is not None:
+        return given
+      injected = _injected(inner_state, name)
+      return default if injected is None else injected
+    return pick(b1, "b1", 0.9), pick(b2, "b2", 0.999), pick(eps, "eps", 1e-8)
+
+  def init_fn(params):
+    names, w_vh = find_unembedding(params, unembedding_predicate)
+    vocab = w_vh.shape[0]
+    if top_k > vocab:
+      raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab} of the unembedding {'/'.join(names)}; "
+                       "use top_k <= vocab_size.")
+    inner_state = inner.init(params)
+    check_inner_state(inner_state, at_init=True)
+    if real_adam:
+      _, mu_vh = find_unembedding(_adam_states(inner_state)[0].mu, unembedding_predicate)
+      if mu_vh.shape != w_vh.shape:
+        raise ValueError(f"the inner Adam moments of the unembedding have shape {mu_vh.shape}, not the parameter's "
+                         f"{w_vh.shape}; use moments='shadow' for an optimizer that stores factored moments.")
+    if direction == "adam" and moments == "shadow":
+      dtype = jnp.promote_types(w_vh.dtype, jnp.float32)
+      shadow = ShadowAdamState(jnp.zeros([], jnp.int32), jnp.zeros(w_vh.shape, dtype), jnp.zeros(w_vh.shape, dtype))
+    else:
+      shadow = optax.EmptyState()
+    metrics = {k: jnp.zeros([], jnp.float32) for k in METRIC_KEYS}
+    return MaskedTransformState(jnp.zeros([], jnp.int32), inner_state, shadow, metrics)
+
+  def eta_of(state: MaskedTransformState) -> Array:
+    if learning_rate is None:
+      return jnp.asarray(_injected(state.inner_state, "learning_rate"))
+    if callable(learning_rate):
+      return jnp.asarray(learning_rate(state.count))
+    return jnp.asarray(learning_rate)
+
+  def direction_of(state: MaskedTransformState, vocab: int, hidden: int) -> cv.DirectionModel:
+    if direction == "sgd":
+      return cv.SGDDirection()
+    c1, c2, e = adam_constants(state.inner_state)
+    if moments == "shadow":
+      sh = state.shadow
+      return cv.AdamDirection(sh.mu, sh.nu, sh.count, c1, c2, e, moments_of_loss=False)
+    adam = _adam_states(state.inner_state)[0]
+    _, mu = find_unembedding(adam.mu, unembedding_predicate)
+    _, nu = find_unembedding(adam.nu, unembedding_predicate)
+    if mu.shape != (vocab, hidden):
+      raise ValueError(f"the unembedding moments have shape {mu.shape}, expected [V,H] = {(vocab, hidden)}; the "
+                       "unembedding parameter must be stored as [V,H] with logits = hidden @ W.T.")
+    return cv.AdamDirection(mu, nu, adam.count, c1, c2, e, moments_of_loss=True)
+
+  def token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt):
+    chex.assert_rank([hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt], [3, 3, 2, 1, 2])
+    state = _find_own_state(opt_state)
+    hidden_bth = jax.lax.stop_gradient(hidden_bth)
+    logits_btv = jax.lax.stop_gradient(logits_btv)
+    state = jax.lax.stop_gradient(state)
+    eta = eta_of(state)
+    stats = cv.curvature_statistics(
+        hidden_bth, logits_btv, tokens_bt, jax.lax.stop_gradient(advantages_b), completion_mask_bt, top_k=top_k,
+        learning_rate=eta, direction=direction_of(state, logits_btv.shape[-1], hidden_bth.shape[-1]),
+        granularity=granularity, temperature=temperature, chunk_size=chunk_size)
+    mask = cv.curvature_mask(stats.m_hessian, stats.m_fisher, tau_fisher=tau_fisher, tau_hessian=tau_hessian,
+                             hessian_rule=hessian_rule)
+    completion = completion_mask_bt > 0
+    valid = {"token": completion, "sentence": jnp.any(completion, axis=1), "global": jnp.any(completion)}[granularity]
+    metrics = cv.mask_metrics(stats.m_hessian, stats.m_fisher, mask, valid)
+    metrics["learning_rate"] = eta.astype(jnp.float32)
+    final_bt = (cv.broadcast_to_tokens(mask.keep, completion.shape) & completion).astype(jnp.float32)
+    return final_bt, CapoAux(final_bt, metrics, stats.m_hessian, stats.m_fisher, hidden_bth, stats.top_k,
+                             jax.lax.stop_gradient(advantages_b))
+
+  def update_fn(updates, state, params=None, *, capo_aux: CapoAux | None = None, **extra_args):
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    shadow = state.shadow
+    if isinstance(shadow, ShadowAdamState):
+      if capo_aux is None:
+        raise ValueError("moments='shadow' updates its moments from the step's mask: call "
+                         "tx.update(grads, opt_state, params, capo_aux=aux) with the aux returned by token_mask.")
+      c1, c2, _ = adam_constants(state.inner_state)
+      b, t, h = capo_aux.hidden_bth.shape
+      flat = lambda x: x.reshape(b * t, *x.shape[2:])
+      mask_n = flat(capo_aux.mask_bt)
+      top = capo_aux.top_k
+      # Masked batch-mean per-row gradient of the objective on the top-K rows (the reference's shadow input).
+      g_vh = cv.unembedding_gradient(
+          flat(capo_aux.hidden_bth), flat(top.probs_btk), flat(top.onehot_btk), flat(top.ids_btk),
+          jnp.repeat(capo_aux.advantages_b, t), mask_n / jnp.maximum(jnp.sum(mask_n), 1.0), shadow.mu.shape[0],
+          chunk_size=chunk_size).astype(shadow.mu.dtype)
+      shadow = ShadowAdamState(
+          optax.safe_increment(shadow.count),
+          (1.0 - c1) * g_vh + c1 * shadow.mu,
+          (1.0 - c2) * jnp.square(g_vh) + c2 * shadow.nu)
+    metrics = state.metrics
+    if capo_aux is not None:
+      metrics = {k: jnp.asarray(capo_aux.metrics[k], jnp.float32) for k in METRIC_KEYS}
+    return inner_updates, MaskedTransformState(optax.safe_increment(state.count), inner_state, shadow, metrics)
+
+  tx = MaskedTransformation(init_fn, update_fn)
+  tx._token_mask_fn = token_mask_fn  # NamedTuple subclasses without __slots__ carry a __dict__.
+  return tx
