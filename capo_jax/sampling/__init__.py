@@ -1,0 +1,29 @@
+"""Rollout sampling: logits processing (temperature, top-k, top-p) and the jitted KV-cache sampler."""
+
+from capo_jax.sampling.logits_processing import (
+    process_logits,
+    sample_tokens,
+    scale_logits,
+    token_logprobs_at_temperature,
+)
+from capo_jax.sampling.sampler import (
+    SampleOutput,
+    Sampler,
+    SamplingParams,
+    bucket_length,
+    pad_prompts,
+    sample,
+)
+
+__all__ = [
+    "SampleOutput",
+    "Sampler",
+    "SamplingParams",
+    "bucket_length",
+    "pad_prompts",
+    "process_logits",
+    "sample",
+    "sample_tokens",
+    "scale_logits",
+    "token_logprobs_at_temperature",
+]
