@@ -18,10 +18,12 @@ test: install
 	$(VPY) -c "import pytest, xdist, hypothesis, torch" 2>/dev/null || $(VPY) -m pip install -q -e '.[test]'
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
 
+# The main job: the embedded arithmetic default with CAPO (warm start cached under runs/cache).
 run: install
-	$(VPY) -m experiments.demo
+	$(VPY) -m experiments.run --gin_file=experiments/configs/arith_capo.gin
 
-demo: run
+demo: install
+	$(VPY) -m experiments.demo
 
 bench: install
 	$(VPY) -m benchmarks.run_all --size tiny

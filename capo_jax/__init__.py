@@ -2,9 +2,20 @@
 
 The public API is re-exported here flatly; each stage of the RL step lives in one module:
 
-- ``capo_jax.advantages``  rewards → advantages (GRPO, Dr.GRPO, RLOO, REINFORCE)
-- ``capo_jax.logprobs``    logits/hidden states → per-token log-probs and entropies (float32, chunked)
-- ``capo_jax.losses``      surrogates (clip, GSPO, CISPO), aggregation, KL, entropy bonus
+- ``capo_jax.models``           Flax NNX Qwen2/Llama decoder, KV cache, HF safetensors in/out
+- ``capo_jax.tokenization``     tokenizers from ``tokenizer.json`` (+ chat templates)
+- ``capo_jax.sampling``         jitted prefill + ``while_loop`` decode (temperature, top-k, top-p, stops)
+- ``capo_jax.rewards``          ``\\boxed{}`` extraction, integer and math-verify rewards
+- ``capo_jax.advantages``       rewards → advantages (GRPO, Dr.GRPO, RLOO, REINFORCE)
+- ``capo_jax.logprobs``         logits/hidden states → per-token log-probs and entropies (float32, chunked)
+- ``capo_jax.losses``           surrogates (clip, GSPO, CISPO), aggregation, KL, entropy bonus
+- ``capo_jax.curvature``        CAPO's last-layer curvature model, mask rules, presets
+- ``capo_jax.masked_transform`` CAPO's token mask as an optax transformation
+- ``capo_jax.curvature_full``   full-network directional model, Theorem-5.1 subset acceptance
+- ``capo_jax.trust_region``     curvature trust region on the step (optax transformation)
+- ``capo_jax.learner``          jitted SFT / RL learner steps
+- ``capo_jax.trainer``          the RL host loop (rollouts, rewards, evals, Orbax checkpoints, metrics)
+- ``capo_jax.tasks``            the embedded arithmetic task and its subword tokenizer
 """
 
 from capo_jax.advantages import (
@@ -15,6 +26,39 @@ from capo_jax.advantages import (
     reinforce_advantages,
     rloo_advantages,
 )
+from capo_jax.curvature import (
+    PRESETS,
+    AdamDirection,
+    CurvatureMaskConfig,
+    CurvatureStatistics,
+    LastLayerStats,
+    SGDDirection,
+    adam_direction,
+    curvature_mask,
+    curvature_penalty,
+    curvature_statistics,
+    fisher_keep,
+    hessian_keep,
+    last_layer_token_stats,
+    mask_metrics,
+    preset,
+    top_k_policy,
+    unembedding_gradient,
+)
+from capo_jax.curvature_full import (
+    FullNetworkTokenStats,
+    SubsetAcceptanceStats,
+    expected_fisher_form,
+    fisher_vector_product,
+    full_network_token_mask,
+    full_network_token_stats,
+    hessian_vector_product,
+    optimizer_proposal,
+    predicted_mean_kl,
+    sgd_proposal,
+    split_into_subsets,
+    subset_acceptance,
+)
 from capo_jax.logprobs import token_logprobs, token_logprobs_from_hidden
 from capo_jax.losses import (
     aggregate_token_losses,
@@ -24,5 +68,18 @@ from capo_jax.losses import (
     kl_divergence,
     policy_loss,
 )
+from capo_jax.masked_transform import (
+    CapoAux,
+    MaskedTransformation,
+    MaskedTransformState,
+    find_unembedding,
+    masked_transform,
+)
+from capo_jax.models import CausalLM, CausalLMOutput, KVCache, ModelConfig, apply
+from capo_jax.models.hf import load_hf, save_hf
+from capo_jax.rewards import extract_boxed, integer_reward, integer_rewards
+from capo_jax.sampling import Sampler, SampleOutput, SamplingParams, pad_prompts, sample
+from capo_jax.tokenization import check_tokenizer_fits, load_tokenizer
+from capo_jax.trust_region import TrustRegionState, trust_region_scale, trust_region_step, trust_region_transform
 
 __version__ = "0.1.0"

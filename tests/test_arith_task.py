@@ -169,7 +169,7 @@ def test_tokenizer_vocabulary_and_special_tokens(tokenizer):
 
 def test_tokenizer_round_trips_task_texts_exactly(tokenizer):
   texts = _task_texts()
-  assert len(texts) == 1000
+  assert len(texts) == 250 * len(DIFFICULTIES)
   texts += ["  two  spaces\tand a tab\n\nnewlines", "Ünïcödé → ∑ 数学 🙂", "\\boxed{\\frac{1}{2}}", "x" * 300, ""]
   for text in texts:
     ids = tokenizer.encode(text, add_special_tokens=False)

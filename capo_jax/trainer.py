@@ -1,0 +1,489 @@
+"""The RL host loop: prompts → rollouts → rewards → advantages → learner steps → metrics, evals, checkpoints.
+
+Everything below this loop is a jitted function of explicit pytrees (``capo_jax.sampling.sample``,
+``capo_jax.learner.make_rl_step``, the optax chain with CAPO's ``masked_transform``); the loop itself only moves
+arrays, decodes text, calls the reward function and writes logs/checkpoints. Its whole state is
+``TrainState(params, opt_state, key, step)``: checkpointed with Orbax together with the data position (the task is a
+pure function of the step) and the byte offset of ``metrics.jsonl``, so a killed run resumes exactly.
+
+``TrainConfig`` holds every knob (gin-configurable: ``TrainConfig.learning_rate = 1e-4`` in a .gin file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from capo_jax import advantages as adv_lib
+from capo_jax import curvature
+from capo_jax import learner
+from capo_jax import sequences
+from capo_jax.checkpointing import Checkpointer
+from capo_jax.losses import kl_divergence
+from capo_jax.masked_transform import masked_transform
+from capo_jax.models import CausalLM, ModelConfig
+from capo_jax.models.hf import load_hf, save_hf
+from capo_jax.plots import plot_run
+from capo_jax.run_logging import MetricsWriter, read_metrics
+from capo_jax.sampling.sampler import pad_prompts, sample
+from capo_jax.tasks.arith import ArithTask
+from capo_jax.tasks.tokenizer import build_arith_tokenizer
+from capo_jax.trust_region import trust_region_transform
+
+# Base estimator, loss aggregation and CAPO preset of each algorithm name.
+ALGORITHMS = {
+    "grpo": ("grpo", "seq-mean-token-mean", None),
+    "drgrpo": ("drgrpo", "seq-mean-token-sum-norm", None),
+    "reinforce": ("reinforce", "seq-mean-token-mean", None),
+    "rloo": ("rloo", "seq-mean-token-mean", None),
+    "capo": ("grpo", "seq-mean-token-mean", "capo"),
+    "drcapo": ("drgrpo", "seq-mean-token-sum-norm", "drcapo"),
+    "reincapo": ("reinforce", "seq-mean-token-mean", "reincapo"),
+}
+
+# Wall-clock fields: measured, so they differ between an interrupted and an uninterrupted run.
+TIMING_KEYS = ("rollout_s", "learner_s", "eval_s", "tokens_per_s", "wall_s")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """All knobs of a run. Defaults: the embedded arithmetic task, a small Qwen2-family model, GRPO."""
+  algorithm: str = "grpo"
+  seed: int = 0
+  # Task (the embedded default) and model.
+  task_difficulty: int = 0
+  task_seed: int = 0
+  tokenizer_vocab_size: int = 1024
+  hidden_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  intermediate_size: int = 384
+  tie_word_embeddings: bool = False
+  init_from: str | None = None  # an HF folder (config.json + safetensors + tokenizer.json) instead of the warm start
+  # Supervised warm start (cached under cache_dir; reruns skip it).
+  warmstart_steps: int = 600
+  warmstart_batch_size: int = 64
+  warmstart_learning_rate: float = 3e-3
+  # Rollouts.
+  num_steps: int = 60
+  prompts_per_step: int = 16
+  group_size: int = 8
+  max_prompt_length: int = 32
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (zero advantage)
+  # Optimizer.
+  learning_rate: float = 1e-4
+  lr_schedule: str = "constant"  # or "cosine" (with warmup_fraction)
+  warmup_fraction: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  weight_decay: float = 0.0
+  max_grad_norm: float | None = 1.0
+  # Learner.
+  num_iterations: int = 1  # learner passes over each batch (ratios ≠ 1 when > 1)
+  num_minibatches: int = 1
+  loss_method: str = "clip"
+  eps_low: float = 0.2
+  eps_high: float | None = None
+  kl_coef: float = 0.0
+  entropy_coef: float = 0.0
+  # CAPO (preset thresholds from the algorithm name unless overridden).
+  tau_fisher: float | None = None
+  tau_hessian: float | None = None
+  capo_top_k: int = 50
+  capo_moments: str = "real"
+  curvature_monitor: bool = False  # log m_H/m_F for non-CAPO algorithms too (a CAPO mask with τ = ∞)
+  trust_region_max_kl: float | None = None  # curvature trust region on the step (CAPO.md §5)
+  # Evaluation and checkpoints.
+  eval_every: int = 20
+  eval_problems: int = 200
+  eval_k: int = 4  # mean@k over eval_k samples at the rollout temperature (on the first eval_k_problems problems)
+  eval_k_problems: int = 64
+  checkpoint_every: int = 10
+
+  def __post_init__(self):
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}.")
+    if self.lr_schedule not in ("constant", "cosine"):
+      raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+    for name in ("num_steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
+                 "num_minibatches", "eval_every", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}.")
+    if (self.prompts_per_step * self.group_size) % self.num_minibatches:
+      raise ValueError(f"num_minibatches={self.num_minibatches} must divide prompts_per_step × group_size = "
+                       f"{self.prompts_per_step * self.group_size}.")
+    if self.learning_rate <= 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+
+  @property
+  def capo_preset(self) -> str | None:
+    return ALGORITHMS[self.algorithm][2]
+
+
+class TrainState(NamedTuple):
+  """Everything the loop carries between steps (a pytree; checkpointed whole)."""
+  params: Any
+  opt_state: Any
+  key: jax.Array
+  step: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+  return ModelConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                     tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=10000.0, attention_bias=True)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  if cfg.lr_schedule == "constant":
+    return optax.constant_schedule(cfg.learning_rate)
+  total = cfg.num_steps * cfg.num_iterations * cfg.num_minibatches
+  warmup = int(cfg.warmup_fraction * total)
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 1), max(total, warmup + 1), 0.0)
+
+
+def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None):
+  """The optax chain: clip → (CAPO's masked_transform around) AdamW → (curvature trust region).
+
+  Returns ``(optimizer, capo_transform or None)``.
+  """
+  schedule = learning_rate_schedule(cfg)
+  adam = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+  capo = None
+  core = adam
+  if cfg.capo_preset is not None or cfg.curvature_monitor:
+    if cfg.capo_preset is not None:
+      preset = curvature.preset(cfg.capo_preset)
+      tau_fisher, tau_hessian = cfg.tau_fisher or preset.tau_fisher, cfg.tau_hessian or preset.tau_hessian
+    else:
+      tau_fisher, tau_hessian = float("inf"), float("inf")
+    capo = masked_transform(
+        adam, tau_fisher=tau_fisher, tau_hessian=tau_hessian,
+        learning_rate=schedule, top_k=cfg.capo_top_k, moments=cfg.capo_moments, temperature=cfg.temperature,
+        b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+    core = capo
+  if cfg.trust_region_max_kl is not None:
+    core = trust_region_transform(core, max_kl=cfg.trust_region_max_kl, logits_fn=logits_fn,
+                                  completion_mask_fn=lambda b: b.completion_mask_bn * b.row_weight_b[:, None],
+                                  temperature=cfg.temperature)
+  parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
+  return optax.chain(*parts, core), capo
+
+
+def capo_token_mask_fn(capo) -> learner.TokenMaskFn:
+  """Adapts ``MaskedTransformation.token_mask`` to the learner's hook (logits from the fused hidden states)."""
+
+  def fn(hidden_bnh, w_vh, targets_bn, advantages_b, completion_mask_bn, opt_state):
+    logits_bnv = jnp.einsum("bnh,vh->bnv", hidden_bnh, w_vh.astype(hidden_bnh.dtype),
+                            preferred_element_type=jnp.float32)
+    mask_bn, aux = capo.token_mask(opt_state, hidden_bnh, logits_bnv, targets_bn, advantages_b, completion_mask_bn)
+    return mask_bn, {"capo_aux": aux}, dict(aux.metrics)
+
+  return fn
+
+
+def _atomic_dir(final: str) -> str:
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  return tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
+
+
+def warm_start(cfg: TrainConfig, tokenizer, task: ArithTask, cache_dir: str, log: Callable[[str], None] = print):
+  """The supervised warm start (next-token NLL on worked solutions), cached as an HF folder keyed by its config.
+
+  Returns ``(model, path)``. A rerun with the same model/task/warm-start settings loads the cached folder.
+  """
+  key_fields = {k: getattr(cfg, k) for k in (
+      "task_difficulty", "task_seed", "tokenizer_vocab_size", "hidden_size", "num_layers", "num_heads",
+      "num_kv_heads", "intermediate_size", "tie_word_embeddings", "warmstart_steps", "warmstart_batch_size",
+      "warmstart_learning_rate", "max_prompt_length", "max_new_tokens", "seed")}
+  digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
+  path = os.path.join(cache_dir, f"warmstart-{digest}")
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    log(f"warm start: cached {path}")
+    return load_hf(path), path
+  log(f"warm start: {cfg.warmstart_steps} supervised steps → {path}")
+  model = CausalLM(model_config(cfg, len(tokenizer)), rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = nnx.split(model)
+  steps = cfg.warmstart_steps
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.warmstart_learning_rate, max(1, steps // 10), max(steps, 2),
+                                                cfg.warmstart_learning_rate * 0.1)
+  opt = optax.adamw(schedule, weight_decay=0.0)
+  opt_state = opt.init(params)
+  sft_step = learner.make_sft_step(graphdef, opt, cfg.max_new_tokens)
+  # Supervised problems come from far along the train stream, away from the problems RL will see first.
+  offset = 10**9
+  t0 = time.time()
+  for i in range(steps):
+    problems = task.train_problems(offset + i * cfg.warmstart_batch_size, cfg.warmstart_batch_size)
+    prompts = sequences.encode_prompts(tokenizer, [p.prompt for p in problems])
+    targets = sequences.encode_targets(tokenizer, [p.solution for p in problems])
+    tokens, mask, target_mask = sequences.prompt_target_batch(prompts, targets, cfg.max_prompt_length,
+                                                              cfg.max_new_tokens, tokenizer.pad_token_id)
+    params, opt_state, nll = sft_step(params, opt_state, tokens, mask, target_mask)
+    if i % 100 == 0 or i == steps - 1:
+      log(f"warm start step {i}: nll {float(nll):.4f} ({time.time() - t0:.0f}s)")
+  model = nnx.merge(graphdef, params)
+  tmp = _atomic_dir(path)
+  save_hf(model, tmp, tokenizer=tokenizer, overwrite=True)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+  return model, path
+
+
+class Evaluator:
+  """Held-out accuracy: greedy pass@1 on ``eval_problems`` problems and mean@k at the rollout temperature."""
+
+  def __init__(self, cfg: TrainConfig, tokenizer, task: ArithTask):
+    self.cfg, self.tokenizer, self.task = cfg, tokenizer, task
+    self.problems = task.heldout(cfg.eval_problems)
+    prompts = sequences.encode_prompts(tokenizer, [p.prompt for p in self.problems])
+    self.tokens, self.mask = pad_prompts(prompts, pad_id=tokenizer.pad_token_id, max_length=cfg.max_prompt_length)
+
+  def __call__(self, graphdef, params, key) -> dict[str, float]:
+    cfg, tok = self.cfg, self.tokenizer
+    t0 = time.time()
+    out = sample(graphdef, params, self.tokens, self.mask, key, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    texts = decode(tok, out.completion_tokens, out.completion_mask)
+    greedy = np.array([self.task.reward(t, p) for t, p in zip(texts, self.problems)])
+    row = {"eval_accuracy": float(greedy.mean())}
+    if cfg.eval_k > 0:
+      n = min(cfg.eval_k_problems, len(self.problems))
+      out = sample(graphdef, params, self.tokens[:n], self.mask[:n], jax.random.fold_in(key, 1),
+                   max_new_tokens=cfg.max_new_tokens, num_samples=cfg.eval_k, temperature=cfg.temperature,
+                   top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+      texts = decode(tok, out.completion_tokens, out.completion_mask)
+      sampled = np.array([self.task.reward(t, self.problems[i // cfg.eval_k]) for i, t in enumerate(texts)])
+      row[f"eval_mean_at_{cfg.eval_k}"] = float(sampled.mean())
+      row[f"eval_pass_at_{cfg.eval_k}"] = float(sampled.reshape(n, cfg.eval_k).max(axis=1).mean())
+    row["eval_s"] = time.time() - t0
+    return row
+
+
+def decode(tokenizer, tokens_rn, mask_rn) -> list[str]:
+  tokens = np.asarray(tokens_rn) * np.asarray(mask_rn) + tokenizer.pad_token_id * (1 - np.asarray(mask_rn))
+  return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used (unwritable, or holding another run)."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates ``workdir`` if needed and proves it writable, before anything is written into it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-probe-", delete=True)
+    probe.close()
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a writable --workdir.") from e
+
+
+def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", cache_dir: str | None = None,
+          log: Callable[[str], None] = print, stop_after: int | None = None,
+          after_step: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+  """Runs (or resumes) the RL job in ``workdir``; returns the rows of ``metrics.jsonl``.
+
+  Args:
+    cfg: the run's knobs.
+    workdir: run folder (config.gin, metrics.jsonl, tensorboard/, checkpoints/, plots/).
+    config_text: the operative gin config (saved, and fingerprinted: resuming with another config is refused).
+    cache_dir: where warm starts are cached (default ``<workdir>/../cache``).
+    stop_after: stop (as if killed) after this many RL steps of this invocation — for tests.
+    after_step: called with the step number after its metrics row is written (fault injection in tests).
+  """
+  from capo_jax.checkpointing import config_fingerprint  # pylint: disable=g-import-not-at-top
+  check_workdir(workdir)
+  fingerprint = config_fingerprint(config_text or repr(cfg))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), fingerprint)
+  ckpt.check_compatible()  # before writing anything
+  resuming = ckpt.latest_step() is not None
+  config_path = os.path.join(workdir, "config.gin")
+  text = config_text or repr(cfg)
+  if not resuming:
+    if os.path.exists(config_path) and open(config_path).read() != text:
+      raise WorkdirError(f"{workdir} holds another run's config.gin (and no checkpoint to resume); use a new "
+                         "--workdir or delete that folder.")
+    with open(config_path, "w") as f:
+      f.write(text)
+  cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache")
+
+  if cfg.init_from:
+    from capo_jax.tokenization import load_tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = load_tokenizer(cfg.init_from)
+    model = load_hf(cfg.init_from)
+  else:
+    tokenizer = build_arith_tokenizer(vocab_size=cfg.tokenizer_vocab_size)
+  task = ArithTask(seed=cfg.task_seed, difficulty=cfg.task_difficulty)
+  if not cfg.init_from:
+    model, _ = warm_start(cfg, tokenizer, task, cache_dir, log)
+  graphdef, ref_params = nnx.split(model)
+
+  estimator, aggregation, _ = ALGORITHMS[cfg.algorithm]
+  p_len, n_new = cfg.max_prompt_length, cfg.max_new_tokens
+
+  def logits_fn(params, batch: learner.SequenceBatch):
+    hidden, w, _ = learner.completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, n_new)
+    return jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+  optimizer, capo = build_optimizer(cfg, logits_fn)
+  loss_config = learner.LossConfig(
+      method=cfg.loss_method, eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=aggregation,
+      max_completion_length=n_new, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
+      temperature=cfg.temperature, ratio_one=cfg.num_iterations == 1 and cfg.num_minibatches == 1)
+  mask_fn = capo_token_mask_fn(capo) if capo is not None else None
+  rl_step = learner.make_rl_step(graphdef, optimizer, loss_config, n_new, mask_fn,
+                                 pass_batch=cfg.trust_region_max_kl is not None)
+  ref_logprobs_fn = jax.jit(lambda tokens, mask: learner.completion_logprobs(
+      graphdef, ref_params, tokens, mask, n_new, temperature=cfg.temperature)[0])
+  advantages_fn = jax.jit(lambda r: adv_lib.compute_advantages(r, cfg.group_size, estimator))
+  schedule = learning_rate_schedule(cfg)
+  evaluator = Evaluator(cfg, tokenizer, task)
+
+  state = TrainState(ref_params, optimizer.init(ref_params), jax.random.PRNGKey(cfg.seed), jnp.zeros((), jnp.int32))
+  metrics_offset = None
+  if resuming:
+    state, meta = ckpt.restore(state)
+    metrics_offset = int(meta["metrics_offset"])
+    log(f"resuming from step {int(state.step)} of {workdir}")
+  start = int(state.step)
+  writer = MetricsWriter(workdir, resume_offset=metrics_offset, total_steps=cfg.num_steps, initial_step=start)
+  completions_per_step = cfg.prompts_per_step * cfg.group_size
+  tok = tokenizer
+
+  def save(state):
+    ckpt.save(int(state.step), state, {"metrics_offset": writer.offset(), "data_position": int(state.step)})
+
+  def evaluate(step: int):
+    row = {"step": step, "completions": step * completions_per_step}
+    row.update(evaluator(graphdef, state.params, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step)))
+    writer.write(row)
+
+  try:
+    if start == 0:
+      evaluate(0)
+    for step in range(start, cfg.num_steps):
+      if stop_after is not None and step - start >= stop_after:
+        return read_metrics(writer.path)
+      key, rollout_key = jax.random.split(state.key)
+      t0 = time.time()
+      problems = task.batch(step, cfg.prompts_per_step)
+      prompts = sequences.encode_prompts(tok, [p.prompt for p in problems])
+      p_tokens, p_mask = pad_prompts(prompts, pad_id=tok.pad_token_id, max_length=p_len)
+      out = sample(graphdef, state.params, p_tokens, p_mask, rollout_key, max_new_tokens=n_new,
+                   num_samples=cfg.group_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+      texts = decode(tok, out.completion_tokens, out.completion_mask)
+      rewards = np.array([task.reward(t, problems[i // cfg.group_size]) for i, t in enumerate(texts)], np.float32)
+      rollout_s = time.time() - t0
+
+      t1 = time.time()
+      advantages = advantages_fn(jnp.asarray(rewards))
+      row_weight = np.ones(len(rewards), np.float32)
+      if cfg.dynamic_sampling:
+        groups = rewards.reshape(-1, cfg.group_size)
+        row_weight = np.repeat((groups.max(1) > groups.min(1)).astype(np.float32), cfg.group_size)
+      tokens = jnp.concatenate([out.prompt_tokens, out.completion_tokens], axis=1)
+      attention = jnp.concatenate([out.prompt_mask, out.completion_mask], axis=1)
+      ref_lp = (ref_logprobs_fn(tokens, attention) if (cfg.kl_coef > 0 or loss_config.track_kl)
+                else jnp.zeros_like(out.logprobs))
+      batch = learner.SequenceBatch(tokens, attention, out.completion_mask, advantages, out.logprobs, ref_lp,
+                                    jnp.asarray(row_weight))
+      params, opt_state = state.params, state.opt_state
+      step_metrics = []
+      b = tokens.shape[0]
+      mb = b // cfg.num_minibatches
+      for _ in range(cfg.num_iterations):
+        for m in range(cfg.num_minibatches):
+          sub = jax.tree.map(lambda x: x[m * mb:(m + 1) * mb], batch) if cfg.num_minibatches > 1 else batch
+          params, opt_state, metrics = rl_step(params, opt_state, sub)
+          step_metrics.append(metrics)
+      metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *step_metrics)
+      jax.block_until_ready(params)
+      learner_s = time.time() - t1
+      state = TrainState(params, opt_state, key, jnp.asarray(step + 1, jnp.int32))
+
+      num_tokens = int(np.asarray(out.completion_mask).sum())
+      m = _scalar_metrics(metrics)
+      row = {
+          "step": step + 1,
+          "completions": (step + 1) * completions_per_step,
+          "reward_mean": float(rewards.mean()),
+          "reward_std": float(rewards.std()),
+          "kept_groups": float(row_weight.mean()),
+          "completion_tokens_mean": num_tokens / len(rewards),
+          "loss": m["loss"],
+          "grad_norm": m["grad_norm"],
+          "update_norm": m["update_norm"],
+          "lr": float(schedule(step * cfg.num_iterations * cfg.num_minibatches)),
+          "entropy": m.get("entropy"),
+          "kl": m.get("kl"),
+          "clip_fraction": m.get("clip_fraction"),
+          "rejected_token_fraction": m.get("rejected_fraction", 0.0),
+          "rejected_by_fisher": m.get("rejected_by_fisher", 0.0),
+          "rejected_by_hessian": m.get("rejected_by_hessian", 0.0),
+          "rollout_s": rollout_s,
+          "learner_s": learner_s,
+          "tokens_per_s": num_tokens / max(rollout_s + learner_s, 1e-9),
+      }
+      for k in curvature.METRIC_KEYS:
+        if k.startswith("m_"):
+          row[k] = m.get(k)
+      if cfg.trust_region_max_kl is not None:
+        tr_state = _find_trust_region_state(state.opt_state)
+        row["predicted_kl"] = float(tr_state.predicted_kl)
+        row["trust_region_scale"] = float(tr_state.scale)
+      writer.write(row)
+      done = step + 1
+      if done % cfg.eval_every == 0 or done == cfg.num_steps:
+        evaluate(done)
+      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+        save(state)
+      if after_step is not None:
+        after_step(done)
+  finally:
+    writer.close()
+    ckpt.close()
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  plot_run(rows, os.path.join(workdir, "plots"), title=f"{cfg.algorithm} lr={cfg.learning_rate:g}")
+  return rows
+
+
+def _find_trust_region_state(opt_state):
+  from capo_jax.trust_region import TrustRegionState  # pylint: disable=g-import-not-at-top
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TrustRegionState))
+           if isinstance(s, TrustRegionState)]
+  return found[0]

@@ -1,0 +1,152 @@
+"""End-to-end RL loop at tiny size: metrics fields, learning signal, exact resume after SIGKILL, bad input."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from capo_jax import trainer
+from capo_jax.run_logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = """
+TrainConfig.hidden_size = 32
+TrainConfig.intermediate_size = 64
+TrainConfig.num_layers = 1
+TrainConfig.num_heads = 2
+TrainConfig.num_kv_heads = 1
+TrainConfig.tokenizer_vocab_size = 512
+TrainConfig.warmstart_steps = 30
+TrainConfig.warmstart_batch_size = 16
+TrainConfig.num_steps = 6
+TrainConfig.prompts_per_step = 4
+TrainConfig.group_size = 4
+TrainConfig.max_new_tokens = 24
+TrainConfig.eval_every = 3
+TrainConfig.eval_problems = 8
+TrainConfig.eval_k = 2
+TrainConfig.eval_k_problems = 4
+TrainConfig.checkpoint_every = 2
+TrainConfig.learning_rate = 1e-3
+"""
+
+REQUIRED_TRAIN_FIELDS = (
+    "step", "completions", "reward_mean", "loss", "grad_norm", "lr", "entropy", "kl", "rejected_token_fraction",
+    "rejected_by_fisher", "rejected_by_hessian", "m_hessian_p50", "m_hessian_p90", "m_hessian_p99", "m_fisher_p50",
+    "m_fisher_p90", "m_fisher_p99", "rollout_s", "learner_s", "tokens_per_s")
+
+
+def _write_gin(tmp_path, algorithm, extra=""):
+  path = tmp_path / f"tiny_{algorithm}.gin"
+  path.write_text(f"include 'arith_{algorithm}.gin'\n{TINY}\n{extra}\n")
+  return str(path)
+
+
+def _run_cli(args, **kw):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600, **kw)
+
+
+def _in_process(gin_file, workdir, cache_dir, **kw):
+  from experiments import run  # pylint: disable=import-outside-toplevel
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  cfg, text = run.parse_config([gin_file], [])
+  return trainer.train(cfg, str(workdir), config_text=text, cache_dir=str(cache_dir), log=lambda _: None, **kw)
+
+
+def _comparable(rows):
+  return [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "capo"])
+def test_tiny_loop_writes_complete_metrics_rows(tmp_path, cache_dir, algorithm):
+  rows = _in_process(_write_gin(tmp_path, algorithm), tmp_path / "run", cache_dir)
+  train_rows = [r for r in rows if "reward_mean" in r]
+  eval_rows = [r for r in rows if "eval_accuracy" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in eval_rows] == [0, 3, 6]
+  assert train_rows[-1]["completions"] == 6 * 4 * 4
+  for row in train_rows:
+    missing = [k for k in REQUIRED_TRAIN_FIELDS if row.get(k) is None]
+    assert not missing, missing
+    assert np.isfinite(row["loss"]) and row["lr"] == pytest.approx(1e-3)
+    assert 0.0 <= row["rejected_token_fraction"] <= 1.0
+  for row in eval_rows:
+    assert 0.0 <= row["eval_accuracy"] <= 1.0 and "eval_mean_at_2" in row
+  # The policy moved: parameters changed only where a batch had reward variance (nonzero advantages).
+  assert any(r["grad_norm"] > 0 for r in train_rows) == any(r["reward_std"] > 0 for r in train_rows)
+  for name in ("accuracy.png", "rejected.png", "curvature.png"):
+    assert os.path.getsize(tmp_path / "run" / "plots" / name) > 1000
+  assert (tmp_path / "run" / "config.gin").read_text().count("TrainConfig.algorithm") == 1
+  # m_H and m_F scale with A and A²: batches without reward variance must give exactly zero statistics.
+  for row in train_rows:
+    if row["reward_std"] == 0.0:
+      assert row["m_fisher_max"] == 0.0 and row["m_hessian_p99"] == 0.0
+
+
+def test_sigkill_and_resume_gives_identical_metrics(tmp_path, cache_dir):
+  gin_file = _write_gin(tmp_path, "capo")
+  reference = _in_process(gin_file, tmp_path / "uninterrupted", cache_dir)
+  workdir = tmp_path / "killed"
+  common = [f"--gin_file={gin_file}", f"--workdir={workdir}", f"--cache_dir={cache_dir}"]
+  killed = _run_cli(common + ["--fault_sigkill_after_step=5"])
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  partial = read_metrics(workdir / "metrics.jsonl")
+  assert max(r["step"] for r in partial) == 5  # step 5 was logged after the step-4 checkpoint, then the kill
+  resumed = _run_cli(common)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  rows = read_metrics(workdir / "metrics.jsonl")
+  assert len(rows) == len(reference)
+  for got, want in zip(_comparable(rows), _comparable(reference)):
+    assert got.keys() == want.keys()
+    for k in got:
+      if isinstance(want[k], float):
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), k
+      else:
+        assert got[k] == want[k], k
+
+
+def _digest(folder):
+  h = hashlib.sha256()
+  for root, _, files in sorted(os.walk(folder)):
+    for f in sorted(files):
+      h.update(f.encode())
+      with open(os.path.join(root, f), "rb") as fh:
+        h.update(fh.read())
+  return h.hexdigest()
+
+
+def test_bad_input_fails_cleanly_without_touching_the_workdir(tmp_path, cache_dir):
+  missing = _run_cli(["--gin_file=experiments/configs/no_such.gin", f"--workdir={tmp_path / 'w1'}"])
+  assert missing.returncode == 2 and "gin file not found" in missing.stderr and "arith_capo.gin" in missing.stderr
+  assert not (tmp_path / "w1").exists()
+
+  unknown = _run_cli(["--gin_file=arith_grpo.gin", "--gin_param=TrainConfig.learning_rat=1e-3",
+                      f"--workdir={tmp_path / 'w2'}"])
+  assert unknown.returncode == 2 and "learning_rat" in unknown.stderr
+  assert not (tmp_path / "w2").exists()
+
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  unwritable = _run_cli([f"--gin_file={_write_gin(tmp_path, 'grpo')}", f"--workdir={blocker / 'run'}"])
+  assert unwritable.returncode == 1 and "not writable" in unwritable.stderr
+
+  # A workdir with checkpoints of another config (GRPO, 2 steps) is refused and left byte-identical.
+  workdir = tmp_path / "other"
+  _in_process(_write_gin(tmp_path, "grpo", "TrainConfig.num_steps = 2"), workdir, cache_dir)
+  before = _digest(workdir)
+  clash = _run_cli([f"--gin_file={_write_gin(tmp_path, 'capo')}", f"--workdir={workdir}",
+                    f"--cache_dir={cache_dir}"])
+  assert clash.returncode == 1 and "different config" in clash.stderr
+  assert _digest(workdir) == before
