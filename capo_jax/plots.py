@@ -34,10 +34,11 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> l
     written.append(path)
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  for key, label in (("eval_accuracy", "held-out accuracy (greedy)"), ("reward_mean", "train reward")):
+  for key, label in (("eval_accuracy", "held-out pass@1 (sampled, avg@k)"),
+                     ("eval_greedy_accuracy", "held-out greedy accuracy"), ("reward_mean", "train reward")):
     xs, ys = _series(rows, key)
     if xs:
-      ax.plot(xs, ys, marker="o" if key == "eval_accuracy" else None, label=label)
+      ax.plot(xs, ys, marker="o" if key.startswith("eval") else None, label=label)
   ax.set_xlabel("completions")
   ax.set_ylabel("accuracy / reward")
   ax.set_title(title or "accuracy and reward")
@@ -52,7 +53,8 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> l
   ax.set_xlabel("completions")
   ax.set_ylabel("fraction of completion tokens")
   ax.set_title("rejected tokens")
-  ax.legend()
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
   save(fig, "rejected.png")
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -64,6 +66,7 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> l
     ax.set_xlabel("completions")
     ax.set_yscale("symlog", linthresh=1e-8)
     ax.set_title(f"{name} quantiles")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
   save(fig, "curvature.png")
   return written

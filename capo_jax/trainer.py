@@ -115,9 +115,10 @@ class TrainConfig:
   trust_region_max_kl: float | None = None  # curvature trust region on the step (CAPO.md §5)
   # Evaluation and checkpoints.
   eval_every: int = 20
-  eval_problems: int = 200
-  eval_k: int = 4  # mean@k over eval_k samples at the rollout temperature (on the first eval_k_problems problems)
-  eval_k_problems: int = 64
+  eval_problems: int = 256
+  eval_k: int = 4  # samples per held-out problem: eval_accuracy = their mean (pass@1, avg@k), plus pass@k
+  eval_temperature: float = 0.6  # the paper's evaluation sampling
+  eval_top_p: float = 0.95
   checkpoint_every: int = 10
 
   def __post_init__(self):
@@ -178,7 +179,8 @@ def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None):
   if cfg.capo_preset is not None or cfg.curvature_monitor:
     if cfg.capo_preset is not None:
       preset = curvature.preset(cfg.capo_preset)
-      tau_fisher, tau_hessian = cfg.tau_fisher or preset.tau_fisher, cfg.tau_hessian or preset.tau_hessian
+      tau_fisher = preset.tau_fisher if cfg.tau_fisher is None else cfg.tau_fisher
+      tau_hessian = preset.tau_hessian if cfg.tau_hessian is None else cfg.tau_hessian
     else:
       tau_fisher, tau_hessian = float("inf"), float("inf")
     capo = masked_transform(
@@ -256,7 +258,9 @@ def warm_start(cfg: TrainConfig, tokenizer, task: ArithTask, cache_dir: str, log
 
 
 class Evaluator:
-  """Held-out accuracy: greedy pass@1 on ``eval_problems`` problems and mean@k at the rollout temperature."""
+  """Held-out accuracy, as the paper evaluates: pass@1 from samples at ``eval_temperature``/``eval_top_p``
+  (``eval_accuracy`` = mean over ``eval_k`` samples of each of ``eval_problems`` problems, i.e. avg@k), plus
+  ``eval_pass_at_k`` and the greedy (temperature 0) accuracy ``eval_greedy_accuracy`` on the same problems."""
 
   def __init__(self, cfg: TrainConfig, tokenizer, task: ArithTask):
     self.cfg, self.tokenizer, self.task = cfg, tokenizer, task
@@ -264,25 +268,26 @@ class Evaluator:
     prompts = sequences.encode_prompts(tokenizer, [p.prompt for p in self.problems])
     self.tokens, self.mask = pad_prompts(prompts, pad_id=tokenizer.pad_token_id, max_length=cfg.max_prompt_length)
 
-  def __call__(self, graphdef, params, key) -> dict[str, float]:
+  def _score(self, graphdef, params, key, num_samples, temperature, top_p) -> np.ndarray:
     cfg, tok = self.cfg, self.tokenizer
-    t0 = time.time()
-    out = sample(graphdef, params, self.tokens, self.mask, key, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    out = sample(graphdef, params, self.tokens, self.mask, key, max_new_tokens=cfg.max_new_tokens,
+                 num_samples=num_samples, temperature=temperature, top_p=top_p, stop_ids=[tok.eos_token_id],
+                 pad_id=tok.pad_token_id)
     texts = decode(tok, out.completion_tokens, out.completion_mask)
-    greedy = np.array([self.task.reward(t, p) for t, p in zip(texts, self.problems)])
-    row = {"eval_accuracy": float(greedy.mean())}
-    if cfg.eval_k > 0:
-      n = min(cfg.eval_k_problems, len(self.problems))
-      out = sample(graphdef, params, self.tokens[:n], self.mask[:n], jax.random.fold_in(key, 1),
-                   max_new_tokens=cfg.max_new_tokens, num_samples=cfg.eval_k, temperature=cfg.temperature,
-                   top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
-      texts = decode(tok, out.completion_tokens, out.completion_mask)
-      sampled = np.array([self.task.reward(t, self.problems[i // cfg.eval_k]) for i, t in enumerate(texts)])
-      row[f"eval_mean_at_{cfg.eval_k}"] = float(sampled.mean())
-      row[f"eval_pass_at_{cfg.eval_k}"] = float(sampled.reshape(n, cfg.eval_k).max(axis=1).mean())
-    row["eval_s"] = time.time() - t0
-    return row
+    scores = [self.task.reward(t, self.problems[i // num_samples]) for i, t in enumerate(texts)]
+    return np.asarray(scores, np.float64).reshape(len(self.problems), num_samples)
+
+  def __call__(self, graphdef, params, key) -> dict[str, float]:
+    cfg = self.cfg
+    t0 = time.time()
+    sampled = self._score(graphdef, params, key, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p)
+    greedy = self._score(graphdef, params, key, 1, 0.0, 1.0)
+    return {
+        "eval_accuracy": float(sampled.mean()),
+        f"eval_pass_at_{cfg.eval_k}": float(sampled.max(axis=1).mean()),
+        "eval_greedy_accuracy": float(greedy.mean()),
+        "eval_s": time.time() - t0,
+    }
 
 
 def decode(tokenizer, tokens_rn, mask_rn) -> list[str]:
