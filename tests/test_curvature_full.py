@@ -12,26 +12,13 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from capo_jax import curvature_full as cf
+from tests.tiny_mlp_policy import V, init_params, logits_and_hidden
 
-V, D, B, T = 5, 3, 2, 3
-
-
-def init_params(key, dtype):
-  k = jax.random.split(key, 4)
-  return {
-      "emb": jax.random.normal(k[0], (V, D), dtype),
-      "w1": jax.random.normal(k[1], (D, D), dtype) / np.sqrt(D),
-      "b1": 0.1 * jax.random.normal(k[2], (D,), dtype),
-      "w2": jax.random.normal(k[3], (D, V), dtype),
-  }
+B, T = 2, 3
 
 
-def logits_fn(params, batch):
-  """h_t = tanh((e[x_t] + ½ e[x_{t−1}]) W1 + b1), z_t = h_t W2: a tiny policy whose logits depend on context."""
-  e = params["emb"][batch["tokens"]]
-  prev = jnp.pad(e, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-  h = jnp.tanh((e + 0.5 * prev) @ params["w1"] + params["b1"])
-  return h @ params["w2"], h  # (logits, hidden): exercises the tuple form of the contract
+# (logits, hidden): exercises the tuple form of the logits_fn contract.
+logits_fn = logits_and_hidden
 
 
 def make_batch(key, batch_size=B):

@@ -149,3 +149,24 @@ def test_bad_input_fails_cleanly_without_touching_the_workdir(tmp_path, cache_di
                     f"--cache_dir={cache_dir}"])
   assert clash.returncode == 1 and "different config" in clash.stderr
   assert _digest(workdir) == before
+
+
+def test_options_trust_region_minibatches_dynamic_sampling_and_kl(tmp_path, cache_dir):
+  extra = """
+TrainConfig.num_steps = 2
+TrainConfig.eval_every = 2
+TrainConfig.trust_region_max_kl = 1e-6
+TrainConfig.num_iterations = 2
+TrainConfig.num_minibatches = 2
+TrainConfig.dynamic_sampling = True
+TrainConfig.kl_coef = 0.1
+"""
+  rows = _in_process(_write_gin(tmp_path, "grpo", extra), tmp_path / "run", cache_dir)
+  train_rows = [r for r in rows if "reward_mean" in r]
+  assert len(train_rows) == 2
+  for row in train_rows:
+    assert row["predicted_kl"] >= 0.0 and 0.0 < row["trust_region_scale"] <= 1.0
+    # Dynamic sampling keeps only groups with reward variance; the kept share is a multiple of 1/4 (4 groups).
+    assert row["kept_groups"] * 4 == round(row["kept_groups"] * 4)
+    if row["predicted_kl"] > 1e-6:  # the step was scaled down to the budget
+      assert row["trust_region_scale"] < 1.0

@@ -9,25 +9,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import capo_jax.trust_region as tr
+from tests.tiny_mlp_policy import V, init_params, logits_fn
 
-V, D, T = 5, 3, 3
-
-
-def init_params(key, dtype):
-  k = jax.random.split(key, 4)
-  return {
-      "emb": jax.random.normal(k[0], (V, D), dtype),
-      "w1": jax.random.normal(k[1], (D, D), dtype) / np.sqrt(D),
-      "b1": 0.1 * jax.random.normal(k[2], (D,), dtype),
-      "w2": jax.random.normal(k[3], (D, V), dtype),
-  }
-
-
-def logits_fn(params, batch):
-  """A 2-layer MLP policy with one token of context (the same as in test_curvature_full)."""
-  e = params["emb"][batch["tokens"]]
-  prev = jnp.pad(e, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-  return jnp.tanh((e + 0.5 * prev) @ params["w1"] + params["b1"]) @ params["w2"]
+T = 3
 
 
 def make_batch(key, rows):
