@@ -30,3 +30,22 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Issue 6: the miniature reproduction study (docs/RESULTS.md, docs/results/RESULTS_64x8.md, figures) — the sweeps
+# (resumable: finished runs under $(MINI_ROOT)* are skipped; delete those folders to start from scratch), then the
+# reports from their output files. Measured 52.5 min on the 2-core CPU (docs/RESULTS.md).
+MINI_ROOT ?= runs/sweep-mini
+.PHONY: reproduce-mini
+reproduce-mini: install
+	$(VPY) -m experiments.sweep --methods grpo,capo,trust_region --lrs 5e-4,1e-4 --seeds 0,1,2 \
+	  --root $(MINI_ROOT) --parallel 2
+	$(VPY) -m experiments.sweep --methods grpo,capo --lrs 2e-4 --seeds 0,1,2 --root $(MINI_ROOT) --parallel 2
+	$(VPY) -m experiments.sweep --methods trust_region --lrs 5e-4 --seeds 0,1,2 --prompts_per_step 64 \
+	  --root $(MINI_ROOT)-64 --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.sweep --methods grpo --lrs 1e-4 --seeds 0,1,2 --prompts_per_step 64 \
+	  --root $(MINI_ROOT)-64 --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.sweep --methods drgrpo,drcapo,reinforce,reincapo --lrs 5e-4 --seeds 0,1,2 \
+	  --root $(MINI_ROOT) --parallel 2
+	$(VPY) -m experiments.report --root $(MINI_ROOT)-64 --out docs/results --markdown RESULTS_64x8.md --figures 64x8 \
+	  --title "Results, 64 x 8 sub-study (issue 6): GRPO at 1e-4 vs the trust region at 5e-4"
+	$(VPY) -m experiments.report --root $(MINI_ROOT) --out docs

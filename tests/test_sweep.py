@@ -37,6 +37,8 @@ def test_plan_grid_order_workdirs_and_equal_budget(tmp_path):
     assert budget == ["--gin_param=TrainConfig.group_size=8", "--gin_param=TrainConfig.num_steps=60",
                       "--gin_param=TrainConfig.prompts_per_step=16"]
   assert len({r.workdir for r in runs}) == 8
+  shared = sweep.plan(["grpo"], [1e-4], [0], str(tmp_path / "b"), cache_dir=str(tmp_path / "cache"), python="PY")
+  assert f"--cache_dir={tmp_path / 'cache'}" in shared[0].argv
 
 
 def test_fmt_lr():
@@ -167,6 +169,10 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
   for seed, ev in enumerate([[0.4, 0.5, 0.55], [0.4, 0.52, 0.53], [0.4, 0.51, 0.57]]):
     _write_run(root, "trust_region", 5e-4, seed, ev, learner_s=2.4)
   _write_run(root, "capo", 5e-4, 0, [0.4, 0.1, 0.0], learner_s=1.8, rejected=0.02)
+  # An unfinished run (config says 60 steps, metrics stop at step 20): left out and named.
+  _write_run(root, "capo", 5e-4, 1, [0.4, 0.9, 0.9], learner_s=1.8, rejected=0.02)
+  with open(os.path.join(root, "capo", "lr5e-4", "seed1", "config.gin"), "w") as f:
+    f.write("TrainConfig.algorithm = 'capo'\nTrainConfig.num_steps = 60\n")
   out = str(tmp_path / "docs")
   res = report.report(root, out, ["--root", root])
   table = {(r["method"], r["lr"]): r for r in res["table"]}
@@ -181,7 +187,10 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
   assert table[("grpo", 5e-4)]["collapsed"] == (2, 3)  # 0.1 and 0.05 < 0.5 × 0.4; 0.3 is not
   assert table[("trust_region", 5e-4)]["overhead"] == pytest.approx(2.0)
   assert table[("capo", 5e-4)]["rejected_mean"][0] == pytest.approx(0.02)
+  assert table[("capo", 5e-4)]["seeds"] == 1
   assert math.isnan(table[("capo", 5e-4)]["final"][1])  # one seed: no SEM
+  # Paired gain final − start per seed: 0.1, 0.12, 0.08 → 0.1 ± 0.02/√3.
+  assert table[("grpo", 1e-4)]["gain"] == (pytest.approx(0.1), pytest.approx(0.011547005, rel=1e-6))
   # Sample efficiency at 5e-4 vs conservative GRPO (final mean 0.5, first reached at 2000 completions):
   # trust_region's mean curve is 0.51 at 1000 → ratio 2000/1000 = 2; GRPO(5e-4) never reaches 0.5.
   eff = res["efficiency"]
@@ -190,15 +199,31 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
   rows = {e["method"]: e for e in eff["rows"]}
   assert rows["trust_region"]["conservative GRPO"] == (1000.0, 2.0)
   assert rows["grpo"]["conservative GRPO"] == (None, None)
+  # A reference that never rises above its start gives no ratio.
+  flat = [{"method": "grpo", "lr": 1e-4, "final": (0.4, 0.0), "collapsed": (0, 3),
+           "curve": (np.array([0, 1000]), np.array([0.4, 0.4]), np.zeros(2), 3)},
+          {"method": "tr", "lr": 5e-4, "final": (0.45, 0.0), "collapsed": (0, 3),
+           "curve": (np.array([0, 1000]), np.array([0.45, 0.45]), np.zeros(2), 3)}]
+  flat_eff = report.sample_efficiency(flat)
+  assert flat_eff["refs"]["conservative GRPO"]["c_ref"] is None
+  assert {e["method"]: e["conservative GRPO"] for e in flat_eff["rows"]} == {"tr": (0.0, None)}
   # First-step m_H p50 scales with lr in the synthetic data: 5× between the lrs.
   sc = {(s["method"], s["lr"]): s for s in res["scaling"]}
   assert sc[("grpo", 5e-4)]["m_hessian_p50"] / sc[("grpo", 1e-4)]["m_hessian_p50"] == pytest.approx(5.0)
+  # Exponents: synthetic m_F and m_H p90 are the same at both lrs → exponent 0.
+  ex = {e["method"]: e for e in report.eta_exponents(res["scaling"])}
+  assert ex["grpo"]["m_fisher_p90"] == pytest.approx(0.0) and "trust_region" not in ex
+  assert report.eta_exponents([{"method": "g", "lr": 1e-4, "m_fisher_p90": 1e-8},
+                               {"method": "g", "lr": 1e-3, "m_fisher_p90": 1e-6}])[0]["m_fisher_p90"] == \
+      pytest.approx(2.0)
 
   for name in ("accuracy.png", "reward.png", "rejected.png", "curvature.png"):
     path = os.path.join(out, "results", name)
     assert os.path.getsize(path) > 1000 and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   md = open(os.path.join(out, "RESULTS.md")).read()
-  assert "| grpo | 0.0001 | 3 | 20 | 0.400 ± 0.000 | 0.500 (2000) | 0.500 ± 0.012 | 0/3 |" in md
+  assert "| grpo | 0.0001 | 3 | 20 | 0.400 ± 0.000 | 0.500 (2000) | 0.500 ± 0.012 | 0.100 ± 0.012 | – | 0/3 |" in md
+  assert "| grpo | 0.0001 | 0.400 (0), 0.450 (1000), 0.500 (2000) | – | – | 0.000 → 0.000 | – |" in md
+  assert "Partial sweep:** 1 run(s)" in md and "`capo/lr5e-4/seed1`" in md
   assert "| grpo | 0.0005 | 3 | 20 |" in md and "| 2/3 |" in md
   assert "| trust_region | 1000 (2.00×) |" not in md  # the efficiency row starts with method and collapse count
   assert "| trust_region | 0/3 | 1000 (2.00×) |" in md
@@ -207,5 +232,5 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
 def test_report_bad_root(tmp_path):
   assert report.main(["--root", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
   os.makedirs(tmp_path / "empty")
-  with pytest.raises(ValueError, match="no runs"):
+  with pytest.raises(ValueError, match="no finished runs"):
     report.report(str(tmp_path / "empty"), str(tmp_path))

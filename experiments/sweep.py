@@ -1,0 +1,323 @@
+"""A sweep over methods × learning rates × seeds at an equal budget of completions (issue 6).
+
+    python -m experiments.sweep --methods grpo,capo,trust_region --lrs 1e-4,5e-4 --seeds 0,1,2 \\
+        --root runs/sweep-mini [--parallel 2] [--prompts_per_step 16 --group_size 8 --num_steps 60] \\
+        [--gin_param TrainConfig.eval_every=10 ...]
+
+Every (method, lr, seed) is one ``python -m experiments.run`` subprocess with its own workdir
+``<root>/<method>/lr<lr>/seed<seed>`` and one shared warm-start cache ``<root>/cache`` (all methods of one seed share
+one warm start). At most ``--parallel`` run at once; while a seed's warm start is being built, no second run of that
+seed starts (it would build the same warm start again).
+
+Resumable: a finished run (its ``metrics.jsonl`` holds the eval row of the final step) is skipped; an unfinished one is
+rerun with the same command and resumes from its latest checkpoint. Equal budget: every run gets the same
+``prompts_per_step × group_size × num_steps`` completions; a preset or ``--gin_param`` that changes one of those fields
+is refused. ``<root>/manifest.json`` records every run's exact command, status, exit code and wall time, and every
+invocation of the sweep.
+
+A method is a named preset: a gin file from ``experiments/configs`` plus bindings (``PRESETS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The trust region's per-step budget δ on the predicted mean KL. CAPO.md §5: δ ≈ the median predicted KL of a stable
+# run. Measured once on this task (GRPO, 16×8, lr 1e-4, seed 0, δ = ∞ so nothing was scaled): median predicted KL
+# over steps 1–20 = 5.3e-4 (p10 2.3e-4, p90 1.4e-3). Overridable with --trust_region_kl.
+DEFAULT_TRUST_REGION_KL = 5e-4
+
+# name → (gin file, extra bindings). "{tr_kl}" is replaced by --trust_region_kl.
+PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "grpo": ("arith_grpo.gin", ()),
+    "drgrpo": ("arith_drgrpo.gin", ()),
+    "reinforce": ("arith_reinforce.gin", ()),
+    "rloo": ("arith_grpo.gin", ("TrainConfig.algorithm='rloo'",)),
+    "capo": ("arith_capo.gin", ()),
+    "drcapo": ("arith_drcapo.gin", ()),
+    "reincapo": ("arith_reincapo.gin", ()),
+    # GRPO with the curvature trust region on the whole step (CAPO.md §5).
+    "trust_region": ("arith_grpo.gin", ("TrainConfig.trust_region_max_kl={tr_kl}",)),
+    # CAPO's last-layer mask and the trust region together.
+    "capo_trust_region": ("arith_capo.gin", ("TrainConfig.trust_region_max_kl={tr_kl}",)),
+}
+
+# Fields that set the budget of completions: equal for every run of a sweep.
+BUDGET_FIELDS = ("prompts_per_step", "group_size", "num_steps")
+# Fields the sweep sets per run (a --gin_param must not override them).
+SWEEP_FIELDS = BUDGET_FIELDS + ("learning_rate", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+  """One (method, lr, seed) of the grid with its workdir and exact command (argv, run from the repository root)."""
+  method: str
+  lr: float
+  seed: int
+  workdir: str
+  argv: tuple[str, ...]
+
+  @property
+  def run_id(self) -> str:
+    return f"{self.method}/lr{fmt_lr(self.lr)}/seed{self.seed}"
+
+  @property
+  def command(self) -> str:
+    return " ".join(shlex.quote(a) for a in self.argv)
+
+
+def fmt_lr(lr: float) -> str:
+  """A learning rate as a short stable string: 1e-4, 2.5e-4, 0.001 → 1e-3."""
+  mantissa, exponent = f"{lr:e}".split("e")
+  mantissa = mantissa.rstrip("0").rstrip(".")
+  return f"{mantissa}e{int(exponent)}"
+
+
+def _parse_list(text: str, kind, name: str) -> list:
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  if not items:
+    raise ValueError(f"--{name} is empty; give a comma-separated list, e.g. --{name}=" +
+                     {"methods": "grpo,capo", "lrs": "1e-4,5e-4", "seeds": "0,1,2"}[name] + ".")
+  try:
+    values = [kind(t) for t in items]
+  except ValueError as e:
+    raise ValueError(f"--{name}: cannot parse {text!r} as a comma-separated list of {kind.__name__}.") from e
+  if len(set(values)) != len(values):
+    raise ValueError(f"--{name} lists a value twice: {text!r}.")
+  return values
+
+
+def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], root: str, *,
+         prompts_per_step: int = 16, group_size: int = 8, num_steps: int = 60,
+         gin_params: Sequence[str] = (), trust_region_kl: float = DEFAULT_TRUST_REGION_KL,
+         cache_dir: str | None = None, python: str = sys.executable) -> list[PlannedRun]:
+  """The grid as a list of runs: learning rates in the order given (list the most important first, so a partial sweep
+  has it), methods within each, and seeds interleaved so that consecutive runs have different seeds (two workers
+  build two warm starts at once).
+
+  Every run's command is ``python -m experiments.run --gin_file=<preset> --workdir=<root>/<method>/lr<lr>/seed<seed>
+  --cache_dir=<root>/cache`` with the budget, ``learning_rate`` and ``seed`` bound last (after ``gin_params`` and the
+  preset's bindings), so the budget prompts_per_step × group_size × num_steps is the same for every run.
+  ``cache_dir`` (default ``<root>/cache``) may be shared between sweeps: warm starts do not depend on the RL budget.
+  """
+  unknown = [m for m in methods if m not in PRESETS]
+  if unknown:
+    raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(PRESETS)}.")
+  for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size), ("num_steps", num_steps)):
+    if int(value) < 1:
+      raise ValueError(f"{name} must be ≥ 1, got {value}.")
+  for lr in lrs:
+    if not lr > 0:
+      raise ValueError(f"learning rates must be > 0, got {lr}.")
+  if not trust_region_kl > 0:
+    raise ValueError(f"--trust_region_kl must be > 0, got {trust_region_kl}.")
+  for p in gin_params:
+    field = p.split("=", 1)[0].strip().rsplit(".", 1)[-1]
+    if field in SWEEP_FIELDS:
+      raise ValueError(f"--gin_param {p!r} sets {field}, which the sweep controls; use --{field} "
+                       "(budget fields) or --lrs/--seeds instead.")
+  root = os.path.normpath(root)
+  cache_dir = os.path.normpath(cache_dir) if cache_dir else os.path.join(root, "cache")
+  runs = []
+  grid = [(m, lr) for lr in lrs for m in methods]  # lr-major, in the order given: list the key lr first
+  for i, (method, lr) in enumerate(grid):
+    for seed in seeds:
+      gin_file, bindings = PRESETS[method]
+      workdir = os.path.join(root, method, f"lr{fmt_lr(lr)}", f"seed{seed}")
+      argv = [python, "-m", "experiments.run", f"--gin_file=experiments/configs/{gin_file}",
+              f"--workdir={workdir}", f"--cache_dir={cache_dir}"]
+      params = list(gin_params) + [b.format(tr_kl=repr(float(trust_region_kl))) for b in bindings]
+      params += [f"TrainConfig.prompts_per_step={int(prompts_per_step)}", f"TrainConfig.group_size={int(group_size)}",
+                 f"TrainConfig.num_steps={int(num_steps)}", f"TrainConfig.learning_rate={lr!r}",
+                 f"TrainConfig.seed={int(seed)}"]
+      argv += [f"--gin_param={p}" for p in params]
+      runs.append((i, seed, PlannedRun(method, float(lr), int(seed), workdir, tuple(argv))))
+  # Seed-interleaved: grid cell 0 of every seed, then cell 1 of every seed, ...
+  runs.sort(key=lambda x: (x[0], seeds.index(x[1])))
+  return [r for _, _, r in runs]
+
+
+def read_rows(workdir: str) -> list[dict]:
+  """The rows of ``<workdir>/metrics.jsonl`` (a torn last line of a killed run is ignored)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows
+
+
+def is_finished(workdir: str, num_steps: int) -> bool:
+  """A run is finished when its metrics hold the eval row (``eval_accuracy``) of step ``num_steps``."""
+  return any(r.get("step") == num_steps and "eval_accuracy" in r for r in read_rows(workdir))
+
+
+def _has_started_rl(workdir: str) -> bool:
+  """True once a run has written its first metrics row (its warm start is then in the cache)."""
+  return bool(read_rows(workdir))
+
+
+def machine_info() -> dict:
+  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "python": platform.python_version()}
+
+
+class Manifest:
+  """``<root>/manifest.json``: the runs (keyed by run id) with their commands and outcomes, and the invocations."""
+
+  def __init__(self, root: str):
+    self.path = os.path.join(root, "manifest.json")
+    self.data = {"runs": {}, "invocations": []}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.data = json.load(f)
+
+  def save(self) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.data, f, indent=1, sort_keys=True)
+    os.replace(tmp, self.path)
+
+  def record(self, run: PlannedRun, **fields) -> None:
+    entry = self.data["runs"].setdefault(run.run_id, {})
+    entry.update({"method": run.method, "lr": run.lr, "seed": run.seed, "workdir": run.workdir,
+                  "command": run.command}, **fields)
+    self.save()
+
+
+def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: int = 1, argv: Sequence[str] = (),
+            poll_s: float = 1.0, log=print, env: dict | None = None) -> dict[str, str]:
+  """Runs the planned runs (skipping finished ones), at most ``parallel`` at once. Returns run id → status
+  (``skipped``, ``finished`` or ``failed rc=N``)."""
+  if parallel < 1:
+    raise ValueError(f"--parallel must be ≥ 1, got {parallel}.")
+  os.makedirs(root, exist_ok=True)
+  manifest = Manifest(root)
+  invocation = {"argv": list(argv), "start": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": machine_info()}
+  manifest.data["invocations"].append(invocation)
+  manifest.save()
+  t_start = time.time()
+  status: dict[str, str] = {}
+  pending = []
+  for run in runs:
+    if is_finished(run.workdir, num_steps):
+      status[run.run_id] = "skipped"
+      manifest.record(run, status="finished")
+      log(f"[sweep] skip (finished): {run.run_id}")
+    else:
+      pending.append(run)
+  running: dict[str, tuple[PlannedRun, subprocess.Popen, float, object]] = {}
+  ready_seeds = {r.seed for r in runs if status.get(r.run_id) == "skipped" or _has_started_rl(r.workdir)}
+  env = dict(os.environ if env is None else env)
+  env.setdefault("PYTHONPATH", REPO)
+  try:
+    while pending or running:
+      # Seeds whose warm start now exists (a run of theirs has written a metrics row).
+      for run, _, _, _ in running.values():
+        if run.seed not in ready_seeds and _has_started_rl(run.workdir):
+          ready_seeds.add(run.seed)
+      busy_seeds = {run.seed for run, _, _, _ in running.values()}
+      started = False
+      if len(running) < parallel:
+        for run in pending:
+          if run.seed in ready_seeds or run.seed not in busy_seeds:
+            os.makedirs(run.workdir, exist_ok=True)
+            logf = open(os.path.join(run.workdir, "run.log"), "a")
+            proc = subprocess.Popen(list(run.argv), cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            running[run.run_id] = (run, proc, time.time(), logf)
+            pending.remove(run)
+            manifest.record(run, status="running", pid=proc.pid)
+            log(f"[sweep] start {run.run_id} (pid {proc.pid}; {len(pending)} pending)")
+            started = True
+            break
+      for run_id, (run, proc, t0, logf) in list(running.items()):
+        rc = proc.poll()
+        if rc is None:
+          continue
+        logf.close()
+        del running[run_id]
+        wall = time.time() - t0
+        ok = rc == 0 and is_finished(run.workdir, num_steps)
+        status[run_id] = "finished" if ok else f"failed rc={rc}"
+        prev = manifest.data["runs"].get(run_id, {}).get("wall_s_total", 0.0)
+        manifest.record(run, status=status[run_id], returncode=rc, wall_s=wall, wall_s_total=prev + wall)
+        log(f"[sweep] {status[run_id]}: {run_id} ({wall:.0f}s)")
+      if not started:
+        time.sleep(poll_s)
+  finally:
+    for run, proc, _, logf in running.values():  # interrupted: stop our children (they resume on the next call)
+      proc.terminate()
+      proc.wait()
+      logf.close()
+      manifest.record(run, status="interrupted")
+    invocation["end"] = datetime.datetime.now().isoformat(timespec="seconds")
+    invocation["wall_s"] = time.time() - t_start
+    manifest.save()
+  return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
+  p.add_argument("--methods", required=True, help=f"comma-separated presets: {','.join(PRESETS)}")
+  p.add_argument("--lrs", required=True, help="comma-separated learning rates, e.g. 1e-4,5e-4")
+  p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+  p.add_argument("--root", required=True, help="sweep folder (runs, cache and manifest.json)")
+  p.add_argument("--parallel", type=int, default=1, help="runs at once")
+  p.add_argument("--prompts_per_step", type=int, default=16)
+  p.add_argument("--group_size", type=int, default=8)
+  p.add_argument("--num_steps", type=int, default=60)
+  p.add_argument("--trust_region_kl", type=float, default=DEFAULT_TRUST_REGION_KL,
+                 help="δ of the trust_region presets (predicted mean KL per step)")
+  p.add_argument("--cache_dir", default=None, help="warm-start cache (default <root>/cache; shareable)")
+  p.add_argument("--gin_param", action="append", default=[], help="extra binding for every run (repeatable)")
+  p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(argv)
+  try:
+    runs = plan(_parse_list(args.methods, str, "methods"), _parse_list(args.lrs, float, "lrs"),
+                _parse_list(args.seeds, int, "seeds"), args.root, prompts_per_step=args.prompts_per_step,
+                group_size=args.group_size, num_steps=args.num_steps, gin_params=args.gin_param,
+                trust_region_kl=args.trust_region_kl, cache_dir=args.cache_dir)
+    if args.parallel < 1:
+      raise ValueError(f"--parallel must be ≥ 1, got {args.parallel}.")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.dry_run:
+    for r in runs:
+      print(r.command)
+    return 0
+  status = execute(runs, args.root, num_steps=args.num_steps, parallel=args.parallel,
+                   argv=["python", "-m", "experiments.sweep", *argv])
+  failed = {k: v for k, v in status.items() if v.startswith("failed")}
+  print(f"[sweep] {len(status) - len(failed)}/{len(status)} runs finished; manifest {args.root}/manifest.json")
+  for k, v in failed.items():
+    print(f"[sweep] {v}: {k} (log: {os.path.join(args.root, k, 'run.log')})", file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
