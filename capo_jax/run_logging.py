@@ -28,9 +28,17 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All rows of a ``metrics.jsonl`` file."""
+  """All rows of a ``metrics.jsonl`` file; a torn last line (a run killed mid-write) ends the list."""
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows
 
 
 class MetricsWriter:

@@ -43,20 +43,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from capo_jax.run_logging import read_metrics  # pylint: disable=wrong-import-position
+
 COLLAPSE_FRACTION = 0.5
 _RUN_RE = re.compile(r"^lr(?P<lr>[0-9.eE+-]+)$")
 _SEED_RE = re.compile(r"^seed(?P<seed>-?\d+)$")
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        break  # a torn last line of a killed run
-  return rows
 
 
 def load_runs(root: str, *, finished_only: bool = True, skipped: list | None = None
@@ -78,7 +69,7 @@ def load_runs(root: str, *, finished_only: bool = True, skipped: list | None = N
         s = _SEED_RE.match(seed_name)
         path = os.path.join(mdir, lr_name, seed_name, "metrics.jsonl")
         if s and os.path.exists(path):
-          rows = read_rows(path)
+          rows = read_metrics(path)
           target = configured_steps(os.path.join(mdir, lr_name, seed_name, "config.gin"))
           if rows and (not finished_only or is_complete(rows, target)):
             runs[(method, float(m.group("lr")))][int(s.group("seed"))] = rows

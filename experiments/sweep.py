@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Sequence
 
+from capo_jax.run_logging import read_metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The trust region's per-step budget δ on the predicted mean KL. CAPO.md §5: δ ≈ the median predicted KL of a stable
@@ -152,16 +154,7 @@ def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], roo
 def read_rows(workdir: str) -> list[dict]:
   """The rows of ``<workdir>/metrics.jsonl`` (a torn last line of a killed run is ignored)."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
-  return rows
+  return read_metrics(path) if os.path.exists(path) else []
 
 
 def is_finished(workdir: str, num_steps: int) -> bool:
