@@ -1,6 +1,6 @@
 """Learner-step cost of GRPO vs the CAPO curvature modes, side by side on the same model, batch and optimizer.
 
-    python -m benchmarks.learner_step --size tiny          # CPU: tiny CausalLM, B=8, T=64
+    python -m benchmarks.learner_step --size tiny          # CPU: the main job's model and batch (128 × 64 tokens)
     python -m benchmarks.learner_step --size qwen2-0.5b    # GPU: Qwen2-0.5B shape, random init, bf16, B=8×1024
     python -m benchmarks.learner_step --size qwen2-0.5b --micro-batches 12   # 96×1024, gradient accumulation
 
