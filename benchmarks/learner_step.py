@@ -1,6 +1,6 @@
 """Learner-step cost of GRPO vs the CAPO curvature modes, side by side on the same model, batch and optimizer.
 
-    python -m benchmarks.learner_step --size tiny          # CPU: the main job's model and batch (128 × 64 tokens)
+    python -m benchmarks.learner_step --size tiny          # CPU: the main job's model, 128 rows × 64 tokens
     python -m benchmarks.learner_step --size qwen2-0.5b    # GPU: Qwen2-0.5B shape, random init, bf16, B=8×1024
     python -m benchmarks.learner_step --size qwen2-0.5b --micro-batches 12   # 96×1024, gradient accumulation
 
@@ -45,8 +45,8 @@ from capo_jax.losses import policy_loss
 from capo_jax.models import CausalLM, ModelConfig, apply
 
 SIZES = {
-    # CPU: the model and learner batch of the README's main job (experiments/configs/arith_*.gin: vocabulary 1024,
-    # 2 layers of width 128, 16 prompts × 8 samples, 32 prompt + 32 completion tokens).
+    # CPU: the model of the README's main job (experiments/configs/arith_*.gin: vocabulary 1024, 2 layers of width
+    # 128) on 16 prompts × 8 samples of 32 prompt + 32 completion tokens (the main job now uses 64 prompts per step).
     "tiny": dict(
         config=dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                     num_kv_heads=2, dtype="float32", param_dtype="float32"),
