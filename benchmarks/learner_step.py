@@ -77,6 +77,8 @@ MAX_KL = 1e-3
 
 
 def make_problem(size: str, micro_batches: int, seed: int = 0):
+  """Model and batch. Every row is a ``prompt``-token prompt then ``time − prompt`` completion columns, as the
+  trainer's rows (``capo_jax.learner``): the learner scores the completion columns only."""
   spec = SIZES[size]
   cfg = ModelConfig(**spec["config"])
   model = CausalLM(cfg, rngs=nnx.Rngs(seed))
@@ -84,10 +86,9 @@ def make_problem(size: str, micro_batches: int, seed: int = 0):
   b, t, prompt = spec["batch"], spec["time"], spec["prompt"]
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.vocab_size, (micro_batches, b, t), dtype=np.int32)
-  # Completions of varying length after a fixed prompt; position t of the shifted logits scores token t+1.
-  lengths = rng.integers(t // 4, t - prompt, (micro_batches, b))
-  pos = np.arange(t - 1)[None, None, :]
-  completion = ((pos >= prompt - 1) & (pos < prompt - 1 + lengths[..., None])).astype(np.float32)
+  # Completions of varying length (EOS, then padding that the mask drops) after a fixed-width prompt.
+  lengths = rng.integers((t - prompt) // 2, t - prompt + 1, (micro_batches, b))
+  completion = (np.arange(t - prompt)[None, None, :] < lengths[..., None]).astype(np.float32)
   rewards = rng.integers(0, 2, (micro_batches, b)).astype(np.float32)
   advantages = (rewards - rewards.mean(-1, keepdims=True)) / (rewards.std(-1, keepdims=True) + 1e-4)
   batch = {"tokens": jnp.asarray(tokens), "completion_mask": jnp.asarray(completion),
@@ -95,15 +96,26 @@ def make_problem(size: str, micro_batches: int, seed: int = 0):
   return cfg, graphdef, params, batch, spec
 
 
-def make_fns(graphdef):
-  """The pure functions every method shares: shifted logits (with hidden states) and the GRPO loss."""
+def make_fns(graphdef, prompt: int):
+  """The pure functions every method shares: logits and hidden states of the completion columns, the GRPO loss.
+
+  As in the trainer (``capo_jax.learner.completion_hidden``), the body runs over the whole row and the unembedding
+  only over the completion columns: hidden state ``prompt − 1 + n`` scores completion token ``n``.
+  """
 
   def forward(params, mb):
-    out = apply(graphdef, params, mb["tokens"])
-    return out.logits[:, :-1], out.hidden[:, :-1]
+    model = nnx.merge(graphdef, params)
+    out = model(mb["tokens"][:, :-1], return_logits=False)
+    hidden = out.hidden[:, prompt - 1:]
+    w = model.unembedding()
+    logits = jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits, hidden
 
   def logits_fn(params, mb):
     return forward(params, mb)[0]
+
+  def actions(mb):
+    return mb["tokens"][:, prompt:]
 
   def loss_from_logprobs(logp_bt, mb, token_mask_bt=None):
     # One gradient step per batch (CAPO.md §2, regime A): ρ ≡ 1, so old log-probs are the current ones.
@@ -112,9 +124,9 @@ def make_fns(graphdef):
     return loss
 
   def loss_from_logits(logits_btv, mb):
-    return loss_from_logprobs(token_logprobs(logits_btv, mb["tokens"][:, 1:])[0], mb)
+    return loss_from_logprobs(token_logprobs(logits_btv, actions(mb))[0], mb)
 
-  return forward, logits_fn, loss_from_logprobs, loss_from_logits
+  return forward, logits_fn, actions, loss_from_logprobs, loss_from_logits
 
 
 def _micro(batch, i):
@@ -140,8 +152,8 @@ def accumulate(fn: Callable[[Any], tuple[Any, Any]], batch, num: int):
 # The methods.
 
 
-def build_methods(graphdef, params, num_micro: int, subsets: int) -> dict[str, Callable]:
-  forward, logits_fn, loss_from_logprobs, loss_from_logits = make_fns(graphdef)
+def build_methods(graphdef, params, num_micro: int, subsets: int, prompt: int) -> dict[str, Callable]:
+  forward, logits_fn, actions, loss_from_logprobs, loss_from_logits = make_fns(graphdef, prompt)
   adam = optax.adam(LEARNING_RATE)
 
   def grad_of(mb, p):
@@ -157,7 +169,7 @@ def build_methods(graphdef, params, num_micro: int, subsets: int) -> dict[str, C
 
     def token_mask(p, mb, delta):
       stats = cf.full_network_token_stats(
-          logits_fn, p, mb, delta, mb["tokens"][:, 1:], mb["advantages"], second_order=second_order)
+          logits_fn, p, mb, delta, actions(mb), mb["advantages"], second_order=second_order)
       return cf.full_network_token_mask(stats, mb["completion_mask"], tau_fisher=TAU_FISHER, tau_hessian=tau_h)
 
     def rejected(keep, mb):
@@ -167,7 +179,7 @@ def build_methods(graphdef, params, num_micro: int, subsets: int) -> dict[str, C
       if num_micro == 1:
         mb = _micro(batch, 0)
         # One forward serves both gradients: the unmasked one (for the Adam proposal Δθ) and the masked one.
-        logp, pullback = jax.vjp(lambda q: token_logprobs(logits_fn(q, mb), mb["tokens"][:, 1:])[0], p)
+        logp, pullback = jax.vjp(lambda q: token_logprobs(logits_fn(q, mb), actions(mb))[0], p)
         grads = pullback(jax.grad(loss_from_logprobs)(logp, mb))[0]
         delta, _ = adam.update(grads, opt_state, p)
         keep = token_mask(p, mb, delta)
@@ -180,7 +192,7 @@ def build_methods(graphdef, params, num_micro: int, subsets: int) -> dict[str, C
         def masked(mb):
           keep = token_mask(p, mb, delta)
           g = jax.grad(lambda q: loss_from_logprobs(
-              token_logprobs(logits_fn(q, mb), mb["tokens"][:, 1:])[0], mb, keep))(p)
+              token_logprobs(logits_fn(q, mb), actions(mb))[0], mb, keep))(p)
           return g, rejected(keep, mb)
 
         grads, frac = accumulate(masked, batch, num_micro)
@@ -216,7 +228,7 @@ def build_methods(graphdef, params, num_micro: int, subsets: int) -> dict[str, C
 
   methods = {
       "grpo": (grpo, adam.init, "-"),
-      "capo-last-layer": capo_last_layer_method(forward, loss_from_logprobs, num_micro),
+      "capo-last-layer": capo_last_layer_method(forward, actions, loss_from_logprobs, num_micro),
       "fullnet-fisher": (fullnet(False), adam.init, "rejected"),
       "fullnet-jvp-jvp": (fullnet(True), adam.init, "rejected"),
       "trust-region": (trust_region, trust.init, "scale"),
@@ -225,7 +237,7 @@ def build_methods(graphdef, params, num_micro: int, subsets: int) -> dict[str, C
   return {k: v for k, v in methods.items() if v is not None}
 
 
-def capo_last_layer_method(forward, loss_from_logprobs, num_micro):
+def capo_last_layer_method(forward, actions_fn, loss_from_logprobs, num_micro):
   """The released CAPO through ``capo_jax.masked_transform``: mask from the forward's outputs, one backward pass."""
   try:
     from capo_jax.masked_transform import masked_transform
@@ -238,7 +250,7 @@ def capo_last_layer_method(forward, loss_from_logprobs, num_micro):
     def masked_grad(mb):
       def loss_fn(q):
         logits, hidden = forward(q, mb)
-        actions = mb["tokens"][:, 1:]
+        actions = actions_fn(mb)
         keep, aux = capo.token_mask(opt_state, hidden, logits, actions, mb["advantages"], mb["completion_mask"])
         return loss_from_logprobs(token_logprobs(logits, actions)[0], mb, keep), aux
 
@@ -296,7 +308,7 @@ def main(argv=None):
   cfg, graphdef, params, batch, spec = make_problem(args.size, args.micro_batches)
   repeats = args.repeats or spec["repeats"]
   steps = args.steps or spec["steps"]
-  methods = build_methods(graphdef, params, args.micro_batches, spec["subsets"])
+  methods = build_methods(graphdef, params, args.micro_batches, spec["subsets"], spec["prompt"])
   if args.methods != "all":
     wanted = args.methods.split(",")
     unknown = set(wanted) - set(methods)

@@ -5,12 +5,20 @@ runs once over ``tokens[:, :-1]``; the hidden state at column ``P − 1 + n`` pr
 come from ``token_logprobs_from_hidden`` (unembedding fused in chunks: the ``[B, N, V]`` logits are never stored for
 the backward pass).
 
-Two steps share that forward:
+The steps share that forward:
 
 - ``make_sft_step``: the supervised warm start, mean negative log-likelihood of the target tokens.
-- ``make_rl_step``: one optimizer step of the GRPO-family surrogate. A ``token_mask_fn`` (CAPO) sees the forward's
-  hidden states and unembedding under ``stop_gradient`` and returns a 0/1 mask that ``policy_loss`` multiplies into
-  the completion mask — one forward, one backward per step.
+- ``make_rl_step``: one optimizer step of the GRPO-family surrogate. A ``token_mask_fn`` (CAPO's last-layer model)
+  sees the forward's hidden states and unembedding under ``stop_gradient`` and returns a 0/1 mask that
+  ``policy_loss`` multiplies into the completion mask — one forward, one backward per step.
+- ``make_fullnet_rl_step``: CAPO's token mask from the full-network directional model (``../shared/CAPO.md`` §4)
+  along the optimizer's own proposal Δθ on the unmasked batch — one forward (``jax.vjp``), two pullbacks, one
+  ``jax.jvp`` (or ``jax.jvp``∘``jax.jvp``) of the completion logits.
+- ``make_subset_rl_step``: Theorem 5.1 acceptance (CAPO.md §3) over the step's prompt groups; the optimizer steps on
+  the mean gradient of the accepted groups.
+
+All RL steps share one objective, ``rl_objective`` (surrogate, aggregation, row weights, KL tracking, metrics), of
+the per-token log-probabilities; ``rl_loss`` is that objective of the parameters.
 
 Everything here is a function of explicit arrays and pytrees; the host loop (``experiments/run.py``) only moves data.
 """
@@ -18,6 +26,7 @@ Everything here is a function of explicit arrays and pytrees; the host loop (``e
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -25,7 +34,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from capo_jax.logprobs import token_logprobs_from_hidden
+from capo_jax import curvature
+from capo_jax import curvature_full
+from capo_jax.logprobs import token_logprobs, token_logprobs_from_hidden
 from capo_jax.losses import policy_loss
 
 PyTree = Any
@@ -108,34 +119,68 @@ class LossConfig:
 TokenMaskFn = Callable[..., tuple[jax.Array, dict[str, Any], dict[str, jax.Array]]]
 
 
-def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, loss_config: LossConfig, completion_length: int,
-            token_mask_fn: TokenMaskFn | None = None):
-  """The RL objective of one batch; returns ``(loss, (metrics, update_kwargs))``, differentiable in ``params``."""
+def loss_completion_mask(batch: SequenceBatch) -> jax.Array:
+  """``[B, N]`` float32 completion mask × row weight: the tokens that count in the loss (padding rows drop out)."""
+  return batch.completion_mask_bn.astype(jnp.float32) * batch.row_weight_b.astype(jnp.float32)[:, None]
+
+
+def completion_logits(graphdef: nnx.GraphDef, params: nnx.State, batch: SequenceBatch,
+                      completion_length: int) -> jax.Array:
+  """``[B, N, V]`` float32 logits of the completion positions only (``completion_hidden`` · Wᵀ): position ``n``
+  scores completion token ``n``. The ``logits_fn`` of ``capo_jax.curvature_full`` for the RL steps."""
+  hidden, w, _ = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, completion_length)
+  return jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def rl_objective(logprobs_bn: jax.Array, entropy_bn: jax.Array, batch: SequenceBatch, loss_config: LossConfig,
+                 token_mask_bn: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The RL objective of one batch as a function of its per-token log-probs and entropies: ``(loss, metrics)``.
+
+      loss = policy_loss(logπ, logπ_old, A, completion × row weight, token_mask) · B / max(Σ row weight, 1)
+
+  (the rescale only for sequence-mean aggregations: rows dropped by dynamic sampling are zero-weight padding, so the
+  loss is a mean over the real rows). ``token_mask_bn``: an extra 0/1 mask multiplied into the completion mask (the
+  rejected tokens leave the loss and its normalisation). Differentiable in ``logprobs_bn`` and ``entropy_bn``;
+  ρ ≡ 1 (``loss_config.ratio_one``) uses ``stop_gradient(logprobs_bn)`` as the old log-probs.
+  """
   sg = jax.lax.stop_gradient
-  hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
-                                         completion_length)
-  lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=loss_config.temperature)
   row_w = batch.row_weight_b.astype(jnp.float32)
-  completion_mask = batch.completion_mask_bn.astype(jnp.float32) * row_w[:, None]
-  token_mask, update_kwargs, mask_metrics = None, {}, {}
-  if token_mask_fn is not None:
-    token_mask, update_kwargs, mask_metrics = token_mask_fn(
-        sg(hidden), sg(w), targets, sg(batch.advantages_b.astype(jnp.float32)), completion_mask, sg(opt_state))
-  old = sg(lp) if loss_config.ratio_one else batch.old_logprobs_bn
+  old = sg(logprobs_bn) if loss_config.ratio_one else batch.old_logprobs_bn
   use_ref = loss_config.kl_coef > 0 or loss_config.track_kl
   loss, metrics = policy_loss(
-      lp, old, batch.advantages_b.astype(jnp.float32), completion_mask, token_mask_bt=token_mask,
-      method=loss_config.method, eps_low=loss_config.eps_low, eps_high=loss_config.eps_high,
-      dual_clip=loss_config.dual_clip, aggregation=loss_config.aggregation,
+      logprobs_bn, old, batch.advantages_b.astype(jnp.float32), loss_completion_mask(batch),
+      token_mask_bt=token_mask_bn, method=loss_config.method, eps_low=loss_config.eps_low,
+      eps_high=loss_config.eps_high, dual_clip=loss_config.dual_clip, aggregation=loss_config.aggregation,
       max_completion_length=loss_config.max_completion_length,
       ref_logprobs_bt=batch.ref_logprobs_bn if use_ref else None, kl_coef=loss_config.kl_coef,
-      kl_estimator=loss_config.kl_estimator, entropy_bt=ent, entropy_coef=loss_config.entropy_coef)
+      kl_estimator=loss_config.kl_estimator, entropy_bt=entropy_bn, entropy_coef=loss_config.entropy_coef)
   # Rows dropped by dynamic sampling are zero-weight padding: sequence-mean aggregations divide by all B rows, so
   # rescale to a mean over the real rows (token-mean already normalises by kept tokens).
   if loss_config.aggregation != "token-mean":
     loss = loss * row_w.shape[0] / jnp.maximum(jnp.sum(row_w), 1.0)
-  metrics = dict(metrics, loss=sg(loss), **mask_metrics)
-  return loss, (metrics, update_kwargs)
+  return loss, dict(metrics, loss=sg(loss))
+
+
+def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, loss_config: LossConfig, completion_length: int,
+            token_mask_fn: TokenMaskFn | None = None, token_mask_bn: jax.Array | None = None):
+  """The RL objective of one batch; returns ``(loss, (metrics, update_kwargs))``, differentiable in ``params``.
+
+  ``token_mask_fn``: CAPO's last-layer hook (see ``TokenMaskFn``); ``token_mask_bn``: an external ``[B, N]`` 0/1
+  mask (e.g. the full-network one). Both multiply into the completion mask (``rl_objective``).
+  """
+  sg = jax.lax.stop_gradient
+  hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
+                                         completion_length)
+  lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=loss_config.temperature)
+  token_mask, update_kwargs, mask_metrics = None, {}, {}
+  if token_mask_fn is not None:
+    token_mask, update_kwargs, mask_metrics = token_mask_fn(
+        sg(hidden), sg(w), targets, sg(batch.advantages_b.astype(jnp.float32)), loss_completion_mask(batch),
+        sg(opt_state))
+  if token_mask_bn is not None:
+    token_mask = token_mask_bn if token_mask is None else token_mask * token_mask_bn
+  loss, metrics = rl_objective(lp, ent, batch, loss_config, token_mask)
+  return loss, (dict(metrics, **mask_metrics), update_kwargs)
 
 
 def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
@@ -157,3 +202,292 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     return optax.apply_updates(params, updates), opt_state, metrics
 
   return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full-network token mask and Theorem 5.1 subset acceptance (CAPO.md §3–§4).
+
+# Prefix of the last-layer monitor's metrics in the full-network step (the full-network statistics own the
+# unprefixed ``curvature.METRIC_KEYS``).
+LAST_LAYER_PREFIX = "last_layer_"
+# Scalars the full-network step adds besides ``curvature.METRIC_KEYS`` (and the monitor's ``last_layer_*`` keys).
+FULLNET_METRIC_KEYS = ("proposal_norm",)
+# Scalars the subset step adds (over the real subsets: those with at least one non-padding row).
+SUBSET_METRIC_KEYS = ("subset_accepted_fraction", "subset_num_accepted", "subset_num_subsets", "subset_m_h_min",
+                      "subset_m_h_p50", "subset_m_f_p50", "subset_m_f_max")
+
+
+def _policy_forward(graphdef: nnx.GraphDef, completion_length: int, loss_config: LossConfig):
+  """``params, batch -> (differentiable outputs, (entropy, hidden, unembedding, targets))`` for ``jax.vjp``.
+
+  The differentiable outputs are ``(logπ, H)`` when the entropy enters the loss, else ``logπ`` alone (the entropy then
+  rides along under ``stop_gradient`` for the metrics, and the pullback skips its backward pass).
+  """
+  sg = jax.lax.stop_gradient
+  with_entropy = bool(loss_config.entropy_coef)
+
+  def forward(params, batch: SequenceBatch):
+    hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
+                                           completion_length)
+    lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=loss_config.temperature)
+    out = (lp, ent) if with_entropy else lp
+    return out, (sg(ent), sg(hidden), sg(w), targets)
+
+  return forward, with_entropy
+
+
+def _run_monitor(monitor_fn: TokenMaskFn | None, hidden, w, targets, batch: SequenceBatch, opt_state):
+  """The last-layer hook's ``(update_kwargs, metrics)``; its mask is discarded (a τ = ∞ monitor keeps every token)."""
+  if monitor_fn is None:
+    return {}, {}
+  sg = jax.lax.stop_gradient
+  _, update_kwargs, metrics = monitor_fn(hidden, w, targets, sg(batch.advantages_b.astype(jnp.float32)),
+                                         loss_completion_mask(batch), sg(opt_state))
+  return update_kwargs, metrics
+
+
+def fullnet_mask_metrics(stats: curvature_full.FullNetworkTokenStats, completion_mask_bn: jax.Array, *,
+                         tau_fisher: float, tau_hessian: float | None,
+                         hessian_rule: str = "symmetric") -> dict[str, jax.Array]:
+  """``curvature.mask_metrics`` of the full-network statistics: the keys the last-layer CAPO mask logs.
+
+  ``rejected_fraction`` / ``rejected_by_fisher`` / ``rejected_by_hessian`` over the completion tokens, quantiles
+  p50/p90/p99/max of m_H and m_F over the kept ones. Fisher only (``tau_hessian=None``): ``rejected_by_hessian`` is
+  0 and the ``m_hessian_*`` keys are left out (there is no m_H), so a metrics row holds null there.
+  """
+  valid = completion_mask_bn > 0
+  f_keep = curvature.fisher_keep(stats.m_f_bt, tau_fisher)
+  if tau_hessian is None:
+    mask = curvature.CurvatureMask(f_keep, f_keep, jnp.ones_like(f_keep))
+    out = curvature.mask_metrics(jnp.zeros_like(stats.m_f_bt), stats.m_f_bt, mask, valid)
+    return {k: v for k, v in out.items() if not k.startswith("m_hessian")}
+  h_keep = curvature.hessian_keep(stats.m_h_bt, tau_hessian, hessian_rule)
+  mask = curvature.CurvatureMask(f_keep & h_keep, f_keep, h_keep)
+  return curvature.mask_metrics(stats.m_h_bt, stats.m_f_bt, mask, valid)
+
+
+class FullNetworkStepAux(NamedTuple):
+  """What ``make_fullnet_rl_grads`` returns next to the masked gradient."""
+  keep_bn: jax.Array  # [B, N] float32 0/1: completion × row weight × full-network rule (the mask the loss used)
+  stats: curvature_full.FullNetworkTokenStats  # per-token δ_t, κ_t, F_t, m_H, m_F along the proposal
+  proposal: PyTree  # Δθ: the optimizer chain's update of the unmasked gradient (its state discarded)
+  metrics: dict[str, jax.Array]
+  update_kwargs: dict[str, Any]  # extra args of ``optimizer.update`` (the monitor's capo_aux, the trust region's batch)
+
+
+def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
+                          completion_length: int, *, tau_fisher: float, tau_hessian: float | None,
+                          second_order: bool = True, fisher: str = "sampled", hessian_rule: str = "symmetric",
+                          monitor_fn: TokenMaskFn | None = None, pass_batch: bool = False):
+  """``(params, opt_state, batch) -> (masked loss gradient, FullNetworkStepAux)``: CAPO's token mask from the
+  full-network directional model along the optimizer's own proposal (CAPO.md §4). Pure; jit it (or use
+  ``make_fullnet_rl_step``).
+
+      (logπ, pullback) = jax.vjp(θ ↦ logπ_θ(a_t) over the completion positions)          one forward
+      ∇L     = pullback(∂L/∂logπ)                                          unmasked gradient (rl_objective)
+      Δθ     = optimizer.update(∇L, opt_state, θ)[0]                       the whole chain's proposal, state discarded
+      m_H(t) = A_i [δ_t + ½(δ_t² + κ_t)],  m_F(t) = ½δ_t²                 along Δθ (``full_network_token_stats``)
+      keep_t = completion_t · [m_F(t) < τ_F] · [−τ_H < m_H(t) < τ_H]       (``full_network_token_mask``)
+      ∇L_keep = pullback(∂L_keep/∂logπ)                                   same residuals, rejected tokens removed
+
+  ``∇L_keep`` is exactly ``jax.grad(rl_loss)(θ, ..., token_mask_bn=keep)``: the loss renormalises over the kept
+  tokens as the last-layer CAPO mask does. One shared direction Δθ for every token (the last-layer model builds one
+  d_t per token). Δθ contains the learning rate, so τ_F/τ_H apply to it directly.
+
+  Args:
+    graphdef, optimizer, loss_config, completion_length: as ``make_rl_step``.
+    tau_fisher: τ_F > 0.
+    tau_hessian: τ_H > 0 (used only with ``second_order``).
+    second_order: True: κ_t by ``jax.jvp``∘``jax.jvp``, m_H and the Hessian rule; False: one ``jax.jvp``, the Fisher
+      rule only (no m_H).
+    fisher: "sampled" (m_F = ½δ_t², CAPO's sampled-action Fisher) or "expected" (½ Δz_tᵀ(diag π − ππᵀ)Δz_t).
+    hessian_rule: "symmetric" (every released run) or "nonsymmetric".
+    monitor_fn: an optional last-layer hook (``TokenMaskFn``, e.g. a τ = ∞ ``masked_transform``): its mask is
+      discarded, its ``update_kwargs`` go to every ``optimizer.update`` and its metrics are logged with the prefix
+      ``last_layer_``.
+    pass_batch: also hand the batch to ``optimizer.update`` (the curvature trust region; it then scales the proposal
+      too).
+  """
+  curvature._check_positive("tau_fisher", tau_fisher)
+  if second_order:
+    if tau_hessian is None:
+      raise ValueError("second_order=True applies the Hessian rule: pass tau_hessian (or second_order=False).")
+    curvature._check_positive("tau_hessian", tau_hessian)
+  tau_h = tau_hessian if second_order else None
+  forward, with_entropy = _policy_forward(graphdef, completion_length, loss_config)
+  sg = jax.lax.stop_gradient
+
+  def logits_fn(params, batch):
+    return completion_logits(graphdef, params, batch, completion_length)
+
+  def grads_fn(params, opt_state, batch: SequenceBatch):
+    out, pullback, (ent, hidden, w, targets) = jax.vjp(lambda p: forward(p, batch), params, has_aux=True)
+
+    def objective(out_, token_mask_bn):
+      lp_, ent_ = out_ if with_entropy else (out_, ent)
+      return rl_objective(lp_, ent_, batch, loss_config, token_mask_bn)
+
+    objective_grad = jax.grad(objective, has_aux=True)
+    update_kwargs, monitor_metrics = _run_monitor(monitor_fn, hidden, w, targets, batch, opt_state)
+    if pass_batch:
+      update_kwargs = dict(update_kwargs, batch=batch)
+    unmasked = pullback(objective_grad(out, None)[0])[0]
+    proposal = sg(optimizer.update(unmasked, opt_state, params, **update_kwargs)[0])
+    completion = loss_completion_mask(batch)
+    stats = sg(curvature_full.full_network_token_stats(
+        logits_fn, params, batch, proposal, targets, batch.advantages_b.astype(jnp.float32),
+        second_order=second_order, fisher=fisher, temperature=loss_config.temperature))
+    keep = curvature_full.full_network_token_mask(stats, completion, tau_fisher=tau_fisher, tau_hessian=tau_h,
+                                                  hessian_rule=hessian_rule)
+    cotangent, metrics = objective_grad(out, keep)
+    grads = pullback(cotangent)[0]
+    metrics = dict(metrics, **fullnet_mask_metrics(stats, completion, tau_fisher=tau_fisher, tau_hessian=tau_h,
+                                                   hessian_rule=hessian_rule),
+                   **{LAST_LAYER_PREFIX + k: v for k, v in monitor_metrics.items()},
+                   proposal_norm=optax.tree.norm(proposal))
+    return grads, FullNetworkStepAux(keep, stats, proposal, metrics, update_kwargs)
+
+  return grads_fn
+
+
+def make_fullnet_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
+                         completion_length: int, **kwargs):
+  """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` with the full-network token mask.
+
+  ``make_fullnet_rl_grads`` (same keyword arguments) then one real ``optimizer.update`` on the masked gradient.
+  Metrics: ``rl_objective``'s (over the kept tokens), ``curvature.METRIC_KEYS`` of the full-network statistics
+  (``fullnet_mask_metrics``), ``proposal_norm`` = ‖Δθ‖, ``grad_norm`` / ``update_norm`` of the real step and, with a
+  monitor, its metrics as ``last_layer_<key>``. Cost: one forward, two pullbacks, two optimizer updates and one
+  ``jax.jvp`` (``jax.jvp``∘``jax.jvp`` with ``second_order``) of the ``[B, N, V]`` completion logits.
+  """
+  grads_fn = make_fullnet_rl_grads(graphdef, optimizer, loss_config, completion_length, **kwargs)
+
+  @jax.jit
+  def step(params, opt_state, batch: SequenceBatch):
+    grads, aux = grads_fn(params, opt_state, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params, **aux.update_kwargs)
+    metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return step
+
+
+class SubsetStepAux(NamedTuple):
+  """What ``make_subset_rl_grads`` returns next to the accepted-mean gradient."""
+  stats: curvature_full.SubsetAcceptanceStats  # per subset [S]: m_H, m_F, accepted (raw rule), loss
+  real_s: jax.Array  # bool [S]: the subset holds at least one real (non-padding) row
+  accepted_s: jax.Array  # bool [S]: real and accepted: the subsets whose gradients were averaged
+  metrics: dict[str, jax.Array]
+  update_kwargs: dict[str, Any]
+
+
+def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
+                         completion_length: int, *, num_subsets: int, delta_h: float = 0.0,
+                         delta_f: float | None = None, monitor_fn: TokenMaskFn | None = None):
+  """``(params, opt_state, batch) -> (mean accepted loss gradient, SubsetStepAux)``: Theorem 5.1 acceptance over
+  ``num_subsets`` equal slices of the batch (rows ordered by prompt: S = prompts per step makes each subset one
+  prompt's group of G completions). Pure; jit it (or use ``make_subset_rl_step``).
+
+  For each subset b_i with loss L_i = ``rl_objective`` on b_i (from the completion logits), gradient ∇L_i and the
+  chain's proposal Δθ_i = optimizer.update(∇L_i, opt_state, θ)[0] (state discarded):
+
+      m_H(Δθ_i) = −∇L_i·Δθ_i − ½Δθ_iᵀ∇²L_iΔθ_i        predicted objective change (HVP)
+      m_F(Δθ_i) = ½Δθ_iᵀF̄_iΔθ_i                         predicted mean-token KL (expected Fisher)
+      accept_i  = [m_H ≥ δ_H] · [m_F ≤ δ_F] · [b_i has a real row]
+      ∇L        = (1/|acc|) Σ_{i ∈ acc} ∇L_i             (zeros when nothing is accepted)
+
+  (``curvature_full.subset_acceptance``). Subsets made only of padding rows (groups dropped by dynamic sampling) have
+  a zero gradient; they are left out of the count so that the mean runs over the real accepted subsets, as
+  ``rl_objective`` averages over the real rows. With every real subset accepted (and a sequence-mean aggregation)
+  ∇L is the plain batch gradient.
+
+  Args:
+    graphdef, optimizer, loss_config, completion_length: as ``make_rl_step``.
+    num_subsets: S; must divide the batch.
+    delta_h: δ_H ≥ 0 = ω + ½Mr² (minimum predicted improvement).
+    delta_f: δ_F > 0 (maximum predicted mean-token KL of a subset's step); None: no Fisher condition (δ_F = ∞).
+    monitor_fn: an optional last-layer hook (τ = ∞ ``masked_transform``) run on a full-batch forward: its mask is
+      discarded, its ``update_kwargs`` go to every ``optimizer.update`` and its metrics are logged unprefixed
+      (the subset rule has no per-token statistics of its own).
+  """
+  if num_subsets < 1:
+    raise ValueError(f"num_subsets must be ≥ 1, got {num_subsets}.")
+  if not (math.isfinite(delta_h) and delta_h >= 0):
+    raise ValueError(f"delta_h must be a finite number ≥ 0 (δ_H = ω + ½Mr²), got {delta_h}.")
+  if delta_f is not None and not delta_f > 0:
+    raise ValueError(f"delta_f must be > 0 (the KL budget δ_F) or None (no Fisher condition), got {delta_f}.")
+  delta_f_value = math.inf if delta_f is None else float(delta_f)
+  forward, _ = _policy_forward(graphdef, completion_length, loss_config)
+
+  def logits_fn(params, batch):
+    return completion_logits(graphdef, params, batch, completion_length)
+
+  def surrogate(logits_bnv, sub: SequenceBatch):
+    lp, ent = token_logprobs(logits_bnv, sub.tokens_bs[:, -completion_length:], temperature=loss_config.temperature)
+    return rl_objective(lp, ent, sub, loss_config)[0]
+
+  def grads_fn(params, opt_state, batch: SequenceBatch):
+    # A full-batch forward (no backward) for the batch's metrics and the optional last-layer monitor.
+    out, (ent, hidden, w, targets) = forward(params, batch)
+    lp = out[0] if isinstance(out, tuple) else out
+    _, metrics = rl_objective(lp, ent, batch, loss_config)
+    update_kwargs, monitor_metrics = _run_monitor(monitor_fn, hidden, w, targets, batch, opt_state)
+    subsets = curvature_full.split_into_subsets(batch, num_subsets)
+    mean_grads, stats = curvature_full.subset_acceptance(
+        logits_fn, surrogate, params, subsets,
+        lambda g: optimizer.update(g, opt_state, params, **update_kwargs)[0],
+        delta_h=delta_h, delta_f=delta_f_value, completion_mask_fn=loss_completion_mask,
+        temperature=loss_config.temperature)
+    real_s = jnp.any(subsets.row_weight_b > 0, axis=1)
+    accepted_s = stats.accepted_s & real_s
+    num_accepted = jnp.sum(accepted_s.astype(jnp.int32))
+    num_real = jnp.sum(real_s.astype(jnp.int32))
+    # subset_acceptance divided by every accepted subset; padding subsets add zero, so re-divide by the real ones.
+    rescale = stats.num_accepted.astype(jnp.float32) / jnp.maximum(num_accepted, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: (g * rescale.astype(g.dtype)).astype(g.dtype), mean_grads)
+
+    def quantile(x_s, q):
+      return jnp.nanquantile(jnp.where(real_s, x_s.astype(jnp.float32), jnp.nan), q)
+
+    metrics = dict(
+        metrics, **monitor_metrics,
+        subset_accepted_fraction=num_accepted.astype(jnp.float32) / jnp.maximum(num_real, 1).astype(jnp.float32),
+        subset_num_accepted=num_accepted.astype(jnp.float32), subset_num_subsets=num_real.astype(jnp.float32),
+        subset_m_h_min=quantile(stats.m_h_s, 0.0), subset_m_h_p50=quantile(stats.m_h_s, 0.5),
+        subset_m_f_p50=quantile(stats.m_f_s, 0.5), subset_m_f_max=quantile(stats.m_f_s, 1.0))
+    return grads, SubsetStepAux(stats, real_s, accepted_s, metrics, update_kwargs)
+
+  return grads_fn
+
+
+def make_subset_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
+                        completion_length: int, **kwargs):
+  """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` with Theorem 5.1 subset acceptance.
+
+  ``make_subset_rl_grads`` (same keyword arguments) then one real ``optimizer.update`` on the mean accepted gradient.
+  When no subset is accepted the theorem's aggregated step is Δθ = 0: the step is skipped (parameters and optimizer
+  state unchanged; an Adam update of a zero gradient would still move along its momentum). Metrics:
+  ``rl_objective``'s on the whole batch (every token), ``SUBSET_METRIC_KEYS`` (m_H/m_F quantiles over the real
+  subsets; null when there is none), ``grad_norm`` / ``update_norm`` and the monitor's metrics if any. Cost per
+  subset: one ``jax.linearize`` of its gradient (HVP and logit tangent) and one proposal; plus one full-batch forward.
+  """
+  grads_fn = make_subset_rl_grads(graphdef, optimizer, loss_config, completion_length, **kwargs)
+
+  @jax.jit
+  def step(params, opt_state, batch: SequenceBatch):
+    grads, aux = grads_fn(params, opt_state, batch)
+    params, opt_state, updates = update_if(jnp.any(aux.accepted_s), optimizer, grads, opt_state, params,
+                                           **aux.update_kwargs)
+    metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
+    return params, opt_state, metrics
+
+  return step
+
+
+def update_if(take: jax.Array, optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree,
+              params: PyTree, **update_kwargs) -> tuple[PyTree, PyTree, PyTree]:
+  """``(params, opt_state, updates)`` after one ``optimizer.update`` when ``take``, else unchanged (zero updates)."""
+  updates, new_state = optimizer.update(grads, opt_state, params, **update_kwargs)
+  updates = jax.tree.map(lambda u: jnp.where(take, u, jnp.zeros_like(u)), updates)
+  opt_state = jax.tree.map(lambda new, old: jnp.where(take, new, old), new_state, opt_state)
+  return optax.apply_updates(params, updates), opt_state, updates

@@ -1,10 +1,11 @@
 """The RL host loop: prompts → rollouts → rewards → advantages → learner steps → metrics, evals, checkpoints.
 
-Everything below this loop is a jitted function of explicit pytrees (``capo_jax.sampling.sample``,
-``capo_jax.learner.make_rl_step``, the optax chain with CAPO's ``masked_transform``); the loop itself only moves
-arrays, decodes text, calls the reward function and writes logs/checkpoints. Its whole state is
-``TrainState(params, opt_state, key, step)``: checkpointed with Orbax together with the data position (the task is a
-pure function of the step) and the byte offset of ``metrics.jsonl``, so a killed run resumes exactly.
+Everything below this loop is a jitted function of explicit pytrees (``capo_jax.sampling.sample``, the learner
+step of ``capo_jax.learner`` that ``TrainConfig.curvature_model`` picks, the optax chain with CAPO's
+``masked_transform``); the loop itself only moves arrays, decodes text, calls the reward function and writes
+logs/checkpoints. Its whole state is ``TrainState(params, opt_state, key, step)``: checkpointed with Orbax
+together with the data position (the task is a pure function of the step) and the byte offset of ``metrics.jsonl``,
+so a killed run resumes exactly.
 
 ``TrainConfig`` holds every knob (gin-configurable: ``TrainConfig.learning_rate = 1e-4`` in a .gin file).
 """
@@ -56,6 +57,20 @@ ALGORITHMS = {
 
 # Wall-clock fields: measured, so they differ between an interrupted and an uninterrupted run.
 TIMING_KEYS = ("rollout_s", "learner_s", "eval_s", "tokens_per_s", "wall_s")
+
+# Where CAPO's curvature model lives (``TrainConfig.curvature_model``):
+#   "last_layer"    the released token mask (CAPO.md §2): ``masked_transform`` in the optax chain, ``make_rl_step``.
+#   "full_network"  the token mask from the full-network directional model along the chain's own proposal Δθ
+#                   (CAPO.md §4; ``learner.make_fullnet_rl_step``); CAPO-family algorithms only.
+#   "subset"        Theorem 5.1 acceptance of the step's prompt groups (CAPO.md §3; ``learner.make_subset_rl_step``);
+#                   any algorithm (a CAPO-family one loses its last-layer mask).
+CURVATURE_MODELS = ("last_layer", "full_network", "subset")
+
+# Fields added after runs were started with the default (arith_*) configs. gin's operative config lists every
+# field, so a new field would change the config fingerprint of a run started before it existed and refuse its
+# resume; a binding of one of these at its default value is left out of what the fingerprint and the workdir check
+# compare (``comparable_config``).
+LATER_FIELDS = ("curvature_model", "fullnet_second_order", "subset_delta_h", "subset_delta_f")
 
 
 @gin.configurable
@@ -113,6 +128,20 @@ class TrainConfig:
   capo_moments: str = "real"
   curvature_monitor: bool = False  # log m_H/m_F for non-CAPO algorithms too (a CAPO mask with τ = ∞)
   trust_region_max_kl: float | None = None  # curvature trust region on the step (CAPO.md §5)
+  # Which curvature model acts on the step (``CURVATURE_MODELS`` above; "full_network" and "subset" need
+  # num_iterations = num_minibatches = 1). With "full_network" or "subset" the chain holds no last-layer mask; with
+  # curvature_monitor it keeps the τ = ∞ last-layer pass, logged as last_layer_m_* (full_network: the unprefixed
+  # m_*/rejected_* keys are the full-network statistics) or as the usual m_* keys (subset).
+  curvature_model: str = "last_layer"
+  # full_network: True = m_H from jax.jvp∘jax.jvp and both rules (τ_F and τ_H); False = one jax.jvp, Fisher rule
+  # only (no m_H: the m_hessian_* metrics are null).
+  fullnet_second_order: bool = True
+  # subset (Theorem 5.1, CAPO.md §3): accept a prompt group iff m_H(Δθ_i) ≥ δ_H and m_F(Δθ_i) ≤ δ_F.
+  # δ_H = ω + ½Mr²; the default 0 (ω = 0, M = 0) accepts every group whose step is predicted not to lower the
+  # objective. δ_F bounds a group's predicted mean-token KL; the paper gives no value (its bound ω − C√δ_F only
+  # certifies improvement when ω ≥ C√δ_F, never with ω = 0), so the default None sets no KL condition (δ_F = ∞).
+  subset_delta_h: float = 0.0
+  subset_delta_f: float | None = None
   # Evaluation and checkpoints.
   eval_every: int = 20
   eval_problems: int = 256
@@ -135,6 +164,23 @@ class TrainConfig:
                        f"{self.prompts_per_step * self.group_size}.")
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+    if self.curvature_model not in CURVATURE_MODELS:
+      raise ValueError(f"unknown curvature_model {self.curvature_model!r}; choose one of {list(CURVATURE_MODELS)}.")
+    if self.curvature_model != "last_layer":
+      if self.curvature_model == "full_network" and self.capo_preset is None:
+        capo_family = sorted(k for k, v in ALGORITHMS.items() if v[2] is not None)
+        raise ValueError(f"curvature_model='full_network' masks tokens with a CAPO preset's τ_F/τ_H: use a CAPO-family "
+                         f"algorithm ({', '.join(capo_family)}), got algorithm={self.algorithm!r}.")
+      if self.num_minibatches > 1 or self.num_iterations > 1:
+        raise ValueError(f"curvature_model={self.curvature_model!r} with num_minibatches > 1 or num_iterations > 1 is "
+                         f"not supported yet (got {self.num_minibatches} and {self.num_iterations}).")
+      if self.curvature_model == "subset" and self.trust_region_max_kl is not None:
+        raise ValueError("curvature_model='subset' with trust_region_max_kl is not supported yet (each group's "
+                         "proposal would need its own trust-region pass).")
+    if not (np.isfinite(self.subset_delta_h) and self.subset_delta_h >= 0):
+      raise ValueError(f"subset_delta_h must be a finite number ≥ 0 (δ_H = ω + ½Mr²), got {self.subset_delta_h}.")
+    if self.subset_delta_f is not None and not self.subset_delta_f > 0:
+      raise ValueError(f"subset_delta_f must be > 0 or None (no KL condition), got {self.subset_delta_f}.")
 
   @property
   def capo_preset(self) -> str | None:
@@ -167,20 +213,28 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 1), max(total, warmup + 1), 0.0)
 
 
+def capo_thresholds(cfg: TrainConfig) -> tuple[float, float]:
+  """``(τ_F, τ_H)`` of the algorithm's CAPO preset, each overridden by ``tau_fisher`` / ``tau_hessian`` if set."""
+  preset = curvature.preset(cfg.capo_preset)
+  return (preset.tau_fisher if cfg.tau_fisher is None else cfg.tau_fisher,
+          preset.tau_hessian if cfg.tau_hessian is None else cfg.tau_hessian)
+
+
 def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None):
   """The optax chain: clip → (CAPO's masked_transform around) AdamW → (curvature trust region).
 
+  The last-layer ``masked_transform`` masks with the preset's τ only for ``curvature_model="last_layer"``; otherwise
+  (and for non-CAPO algorithms) it is there only with ``curvature_monitor``, with τ = ∞ (it then only logs m_H/m_F).
   Returns ``(optimizer, capo_transform or None)``.
   """
   schedule = learning_rate_schedule(cfg)
   adam = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
   capo = None
   core = adam
-  if cfg.capo_preset is not None or cfg.curvature_monitor:
-    if cfg.capo_preset is not None:
-      preset = curvature.preset(cfg.capo_preset)
-      tau_fisher = preset.tau_fisher if cfg.tau_fisher is None else cfg.tau_fisher
-      tau_hessian = preset.tau_hessian if cfg.tau_hessian is None else cfg.tau_hessian
+  last_layer_mask = cfg.capo_preset is not None and cfg.curvature_model == "last_layer"
+  if last_layer_mask or cfg.curvature_monitor:
+    if last_layer_mask:
+      tau_fisher, tau_hessian = capo_thresholds(cfg)
     else:
       tau_fisher, tau_hessian = float("inf"), float("inf")
     capo = masked_transform(
@@ -194,6 +248,29 @@ def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None):
                                   temperature=cfg.temperature)
   parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
   return optax.chain(*parts, core), capo
+
+
+def make_learner_step(cfg: TrainConfig, graphdef, optimizer, capo, loss_config: learner.LossConfig):
+  """The jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` of ``cfg.curvature_model``.
+
+  last_layer: ``make_rl_step`` with CAPO's (or the monitor's) last-layer hook. full_network: ``make_fullnet_rl_step``
+  with the preset's τ_F/τ_H (symmetric Hessian rule, sampled-action m_F) and the monitor, if any, as ``monitor_fn``.
+  subset: ``make_subset_rl_step`` over the ``prompts_per_step`` prompt groups.
+  """
+  mask_fn = capo_token_mask_fn(capo) if capo is not None else None
+  n_new = cfg.max_new_tokens
+  pass_batch = cfg.trust_region_max_kl is not None
+  if cfg.curvature_model == "full_network":
+    tau_fisher, tau_hessian = capo_thresholds(cfg)
+    return learner.make_fullnet_rl_step(
+        graphdef, optimizer, loss_config, n_new, tau_fisher=tau_fisher,
+        tau_hessian=tau_hessian if cfg.fullnet_second_order else None, second_order=cfg.fullnet_second_order,
+        monitor_fn=mask_fn, pass_batch=pass_batch)
+  if cfg.curvature_model == "subset":
+    return learner.make_subset_rl_step(
+        graphdef, optimizer, loss_config, n_new, num_subsets=cfg.prompts_per_step, delta_h=cfg.subset_delta_h,
+        delta_f=cfg.subset_delta_f, monitor_fn=mask_fn)
+  return learner.make_rl_step(graphdef, optimizer, loss_config, n_new, mask_fn, pass_batch=pass_batch)
 
 
 def capo_token_mask_fn(capo) -> learner.TokenMaskFn:
@@ -303,6 +380,20 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 # The loop.
 
 
+def comparable_config(config_text: str) -> str:
+  """The operative gin config without the bindings of ``LATER_FIELDS`` at their default values (one per line, as
+  ``gin.operative_config_str`` writes them): what two runs' configs must agree on to be the same experiment."""
+  defaults = {f"TrainConfig.{f.name}": repr(f.default) for f in dataclasses.fields(TrainConfig)
+              if f.name in LATER_FIELDS}
+  lines = []
+  for line in config_text.splitlines(keepends=True):
+    name, sep, value = line.partition(" = ")
+    if sep and defaults.get(name.strip()) == value.strip():
+      continue
+    lines.append(line)
+  return "".join(lines)
+
+
 class WorkdirError(RuntimeError):
   """The workdir cannot be used (unwritable, or holding another run)."""
 
@@ -332,14 +423,14 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", cache_dir: s
   """
   from capo_jax.checkpointing import config_fingerprint  # pylint: disable=g-import-not-at-top
   check_workdir(workdir)
-  fingerprint = config_fingerprint(config_text or repr(cfg))
+  fingerprint = config_fingerprint(comparable_config(config_text) if config_text else repr(cfg))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), fingerprint)
   ckpt.check_compatible()  # before writing anything
   resuming = ckpt.latest_step() is not None
   config_path = os.path.join(workdir, "config.gin")
   text = config_text or repr(cfg)
   if not resuming:
-    if os.path.exists(config_path) and open(config_path).read() != text:
+    if os.path.exists(config_path) and comparable_config(open(config_path).read()) != comparable_config(text):
       raise WorkdirError(f"{workdir} holds another run's config.gin (and no checkpoint to resume); use a new "
                          "--workdir or delete that folder.")
     with open(config_path, "w") as f:
@@ -369,9 +460,7 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", cache_dir: s
       method=cfg.loss_method, eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=aggregation,
       max_completion_length=n_new, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
       temperature=cfg.temperature, ratio_one=cfg.num_iterations == 1 and cfg.num_minibatches == 1)
-  mask_fn = capo_token_mask_fn(capo) if capo is not None else None
-  rl_step = learner.make_rl_step(graphdef, optimizer, loss_config, n_new, mask_fn,
-                                 pass_batch=cfg.trust_region_max_kl is not None)
+  rl_step = make_learner_step(cfg, graphdef, optimizer, capo, loss_config)
   ref_logprobs_fn = jax.jit(lambda tokens, mask: learner.completion_logprobs(
       graphdef, ref_params, tokens, mask, n_new, temperature=cfg.temperature)[0])
   advantages_fn = jax.jit(lambda r: adv_lib.compute_advantages(r, cfg.group_size, estimator))
@@ -467,6 +556,11 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", cache_dir: s
       for k in curvature.METRIC_KEYS:
         if k.startswith("m_"):
           row[k] = m.get(k)
+          if learner.LAST_LAYER_PREFIX + k in m:  # full_network with the monitor: the last-layer statistics
+            row[learner.LAST_LAYER_PREFIX + k] = m[learner.LAST_LAYER_PREFIX + k]
+      for k in (*learner.FULLNET_METRIC_KEYS, *learner.SUBSET_METRIC_KEYS):
+        if k in m:
+          row[k] = m[k]
       if cfg.trust_region_max_kl is not None:
         tr_state = _find_trust_region_state(state.opt_state)
         row["predicted_kl"] = float(tr_state.predicted_kl)

@@ -54,6 +54,17 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "trust_region": ("arith_grpo.gin", ("TrainConfig.trust_region_max_kl={tr_kl}",)),
     # CAPO's last-layer mask and the trust region together.
     "capo_trust_region": ("arith_capo.gin", ("TrainConfig.trust_region_max_kl={tr_kl}",)),
+    # CAPO's token mask (released τ) from the full-network directional model along the chain's proposal (CAPO.md §4):
+    # m_H by jvp∘jvp and both rules, or one jvp and the Fisher rule only.
+    "capo_fullnet": ("arith_capo.gin", ("TrainConfig.curvature_model='full_network'",
+                                        "TrainConfig.fullnet_second_order=True")),
+    "capo_fullnet_fisher": ("arith_capo.gin", ("TrainConfig.curvature_model='full_network'",
+                                               "TrainConfig.fullnet_second_order=False")),
+    # GRPO with Theorem 5.1 acceptance of the prompt groups (CAPO.md §3), default δ_H = 0, no KL bound.
+    "subset": ("arith_grpo.gin", ("TrainConfig.curvature_model='subset'",)),
+    # The same with the theorem's KL condition: a group is also refused when its own step's predicted mean KL
+    # exceeds δ_F = the trust region's δ (the median predicted KL of a stable GRPO step, measured as noted above).
+    "subset_kl": ("arith_grpo.gin", ("TrainConfig.curvature_model='subset'", "TrainConfig.subset_delta_f={tr_kl}")),
 }
 
 # Fields that set the budget of completions: equal for every run of a sweep.
@@ -130,6 +141,11 @@ def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], roo
     if field in SWEEP_FIELDS:
       raise ValueError(f"--gin_param {p!r} sets {field}, which the sweep controls; use --{field} "
                        "(budget fields) or --lrs/--seeds instead.")
+  for m in methods:  # a preset must not change the budget either (the sweep's bindings come last, but say so)
+    for b in PRESETS[m][1]:
+      field = b.split("=", 1)[0].strip().rsplit(".", 1)[-1]
+      if field in SWEEP_FIELDS:
+        raise ValueError(f"preset {m!r} binds {field}, which the sweep controls; remove it from PRESETS.")
   root = os.path.normpath(root)
   cache_dir = os.path.normpath(cache_dir) if cache_dir else os.path.join(root, "cache")
   runs = []

@@ -222,7 +222,7 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
     assert os.path.getsize(path) > 1000 and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   md = open(os.path.join(out, "RESULTS.md")).read()
   assert "| grpo | 0.0001 | 3 | 20 | 0.400 ± 0.000 | 0.500 (2000) | 0.500 ± 0.012 | 0.100 ± 0.012 | – | 0/3 |" in md
-  assert "| grpo | 0.0001 | 0.400 (0), 0.450 (1000), 0.500 (2000) | – | – | 0.000 → 0.000 | – |" in md
+  assert "| grpo | 0.0001 | 0.400 (0), 0.450 (1000), 0.500 (2000) | – | – | 0.000 → 0.000 | – | – |" in md
   assert "Partial sweep:** 1 run(s)" in md and "`capo/lr5e-4/seed1`" in md
   assert "| grpo | 0.0005 | 3 | 20 |" in md and "| 2/3 |" in md
   assert "| trust_region | 1000 (2.00×) |" not in md  # the efficiency row starts with method and collapse count
@@ -234,3 +234,34 @@ def test_report_bad_root(tmp_path):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(ValueError, match="no finished runs"):
     report.report(str(tmp_path / "empty"), str(tmp_path))
+
+
+def test_report_merges_roots_and_tabulates_robustness(tmp_path):
+  core, extra = str(tmp_path / "core"), str(tmp_path / "extra")
+  _write_run(core, "grpo", 1e-4, 0, [0.4, 0.45, 0.5], learner_s=1.0)
+  _write_run(core, "grpo", 5e-4, 0, [0.4, 0.2, 0.1], learner_s=1.0)
+  _write_run(extra, "grpo", 5e-5, 0, [0.4, 0.42, 0.43], learner_s=1.0)
+  _write_run(extra, "trust_region", 5e-4, 0, [0.4, 0.5, 0.6], learner_s=1.5)
+  for r, name in ((core, "core"), (extra, "extra")):
+    with open(os.path.join(r, "manifest.json"), "w") as f:
+      json.dump({"runs": {"grpo/x/seed0": {"method": "grpo", "lr": 1e-4, "command": f"cmd-{name}"}},
+                 "invocations": [{"argv": [name], "wall_s": 60.0}]}, f)
+  out = str(tmp_path / "docs")
+  res = report.report(f"{core},{extra}", out, ["--root", f"{core},{extra}"], markdown="X.md",
+                      make_target="reproduce-extra")
+  table = {(r["method"], r["lr"]): r for r in res["table"]}
+  assert set(table) == {("grpo", 5e-5), ("grpo", 1e-4), ("grpo", 5e-4), ("trust_region", 5e-4)}
+  assert table[("trust_region", 5e-4)]["overhead"] == pytest.approx(1.5)
+  # Conservative GRPO is now the extension's 5e-5 run (0.43 first reached at 2000 completions).
+  assert res["efficiency"]["refs"]["conservative GRPO"] == {"lr": 5e-5, "target": pytest.approx(0.43),
+                                                           "c_ref": 2000.0}
+  md = open(os.path.join(out, "X.md")).read()
+  assert "`make reproduce-extra`" in md and "cmd-core" in md and "cmd-extra" in md
+  assert "2.0 min over 2 invocation(s)" in md
+  assert "| method | lr 5e-05 | lr 0.0001 | lr 0.0005 |" in md
+  assert "| grpo | 0.030 (± –) (0/1) | 0.100 (± –) (0/1) | -0.300 (± –) (1/1) |" in md
+  assert "| trust_region | – | – | 0.200 (± –) (0/1) |" in md
+  # The same run in two roots is refused with a message naming it.
+  _write_run(extra, "grpo", 1e-4, 0, [0.4, 0.4, 0.4], learner_s=1.0)
+  with pytest.raises(ValueError, match="appear in two sweep roots"):
+    report.report(f"{core},{extra}", out)
