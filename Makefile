@@ -35,7 +35,7 @@ clean:
 # (resumable: finished runs under $(MINI_ROOT)* are skipped; delete those folders to start from scratch), then the
 # reports from their output files. Measured 52.5 min on the 2-core CPU (docs/RESULTS.md).
 MINI_ROOT ?= runs/sweep-mini
-.PHONY: reproduce-mini
+.PHONY: reproduce-mini reproduce-extra reproduce-deep
 reproduce-mini: install
 	$(VPY) -m experiments.sweep --methods grpo,capo,trust_region --lrs 5e-4,1e-4 --seeds 0,1,2 \
 	  --root $(MINI_ROOT) --parallel 2
@@ -49,3 +49,36 @@ reproduce-mini: install
 	$(VPY) -m experiments.report --root $(MINI_ROOT)-64 --out docs/results --markdown RESULTS_64x8.md --figures 64x8 \
 	  --title "Results, 64 x 8 sub-study (issue 6): GRPO at 1e-4 vs the trust region at 5e-4"
 	$(VPY) -m experiments.report --root $(MINI_ROOT) --out docs
+
+# Issue 6, the extension (docs/results/RESULTS_EXTRA.md): the full-network token mask and Theorem-5.1 subset
+# acceptance at both rates, Dr./Rein variants at the conservative rate, GRPO and the trust region at 5e-5 (a 10x lr
+# range), and at 64 x 8 the trust region at GRPO's best stable rate. Same seeds and warm starts as reproduce-mini
+# (its cache), reported together with its runs.
+EXTRA_ROOT ?= runs/sweep-extra
+reproduce-extra: reproduce-mini
+	$(VPY) -m experiments.sweep --methods drgrpo,drcapo,reinforce,reincapo --lrs 1e-4 --seeds 0,1,2 \
+	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.sweep --methods grpo,trust_region --lrs 5e-5 --seeds 0,1,2 \
+	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.sweep --methods capo_fullnet,subset,subset_kl --lrs 5e-4 --seeds 0,1,2 \
+	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.sweep --methods capo_fullnet,subset --lrs 1e-4 --seeds 0,1,2 \
+	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.sweep --methods trust_region --lrs 1e-4 --seeds 0,1,2 --prompts_per_step 64 \
+	  --root $(EXTRA_ROOT)-64 --cache_dir $(MINI_ROOT)/cache --parallel 2
+	$(VPY) -m experiments.report --root $(MINI_ROOT)-64,$(EXTRA_ROOT)-64 --out docs/results \
+	  --markdown RESULTS_EXTRA_64x8.md --figures extra-64x8 --make_target reproduce-extra \
+	  --title "Results, 64 x 8 (issue 6): GRPO at 1e-4 vs the trust region at 1e-4 and 5e-4"
+	$(VPY) -m experiments.report --root $(MINI_ROOT),$(EXTRA_ROOT) --out docs/results --markdown RESULTS_EXTRA.md \
+	  --figures extra --make_target reproduce-extra \
+	  --title "Results, extension (issue 6): other curvature models, Dr./Rein at 1e-4, a 10x lr range"
+
+# Issue 6, Q2 (docs/results/RESULTS_DEEP.md): the same task with a 4-layer model (own warm starts).
+DEEP_ROOT ?= runs/sweep-deep
+reproduce-deep: install
+	$(VPY) -m experiments.sweep --methods grpo --lrs 5e-4,1e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
+	  --gin_param TrainConfig.num_layers=4 --parallel 2
+	$(VPY) -m experiments.sweep --methods capo,trust_region --lrs 5e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
+	  --gin_param TrainConfig.num_layers=4 --parallel 2
+	$(VPY) -m experiments.report --root $(DEEP_ROOT) --out docs/results --markdown RESULTS_DEEP.md --figures deep \
+	  --make_target reproduce-deep --title "Results, 4-layer model (issue 6, Q2)"

@@ -279,16 +279,21 @@ def _top_k_lower_bound(z_nv: Array, k: int, bisection_steps: int) -> Array:
   return jnp.where(jnp.any(jnp.isnan(z_nv), axis=-1), -jnp.inf, lo)
 
 
-def top_k(x: Array, k: int, *, prefilter: bool | None = None, bisection_steps: int = 3) -> tuple[Array, Array]:
+def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | None = None,
+          bisection_steps: int = 3) -> tuple[Array, Array]:
   """``jax.lax.top_k(x, k)`` over the last axis, bit-identical (values, ids and their order, ties by lower id).
 
   XLA:CPU's TopK sorts the whole row with a comparator whenever 64·k ≥ V (K = 50 over a 1024-token vocabulary: a
   full sort of every position), and its cost falls with the number of distinct finite values. The ``prefilter``
   path first replaces every entry below a cheap lower bound of the k-th largest value (``_top_k_lower_bound``:
   group maxima + a few bisection steps, ~5 vectorised passes over the row) by −∞: the k largest entries are all
-  ≥ that bound, so the result is unchanged, and the sort then sees ~k finite values (≈ 25–30% less time on a
-  2-core CPU at 4096 × 1024, K = 50; ``benchmarks/learner_step.py``). Default: prefilter on the CPU backend when
-  V ≥ 4k; elsewhere the backend's own TopK (GPU/TPU select without a full comparator sort).
+  ≥ that bound, so the result is unchanged, and the sort then sees ~k finite values (≈ 30% less time on a 2-core
+  CPU at 4096 × 1024, K = 50: 40 → 27 ms). Default: prefilter on the CPU backend when V ≥ 4k; elsewhere the
+  backend's own TopK (GPU/TPU select without a full comparator sort).
+
+  ``where`` (boolean, ``x.shape[:-1]``): rows whose result is not needed (padding positions). With the prefilter
+  their row is all −∞, which XLA:CPU sorts ~4× faster; their result is then ids 0…k−1 with values 0 (finite, so
+  downstream arithmetic stays NaN-free). Without the prefilter ``where`` is ignored (every row exact).
   """
   v = x.shape[-1]
   if prefilter is None:
@@ -297,20 +302,28 @@ def top_k(x: Array, k: int, *, prefilter: bool | None = None, bisection_steps: i
     return jax.lax.top_k(x, k)
   lead = x.shape[:-1]
   z = x.reshape(-1, v)
+  neg_inf = jnp.asarray(-jnp.inf, z.dtype)
   lo = _top_k_lower_bound(z, k, bisection_steps)
-  filtered = jnp.where(z < lo[:, None], jnp.asarray(-jnp.inf, z.dtype), z)  # NaN stays NaN
-  values, ids = jax.lax.top_k(filtered, k)
-  values = jnp.take_along_axis(z, ids, axis=-1)  # −∞ stand-ins never reach the top k; keep x's own values anyway
+  filtered = jnp.where(z < lo[:, None], neg_inf, z)  # NaN stays NaN
+  rows = None if where is None else jnp.broadcast_to(where, lead).reshape(-1, 1)
+  if rows is not None:
+    filtered = jnp.where(rows, filtered, neg_inf)
+  _, ids = jax.lax.top_k(filtered, k)
+  values = jnp.take_along_axis(z, ids, axis=-1)  # −∞ stand-ins never reach the top k; keep x's own values
+  if rows is not None:
+    values = jnp.where(rows, values, jnp.zeros_like(values))
   return values.reshape(*lead, k), ids.reshape(*lead, k)
 
 
-def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: float = 1.0) -> TopKPolicy:
+def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: float = 1.0,
+                 valid_bt: Array | None = None) -> TopKPolicy:
   """π over the top-K logits and the one-hot of the sampled token inside them.
 
       ids = argtopK(z),   π = softmax(z[ids] / temperature),   e_k = [ids_k = a]
 
   ``logits_btv[:, t]`` must be the distribution that sampled ``tokens_bt[:, t]`` (already shifted). The top-K is
-  ``curvature.top_k`` (identical to ``jax.lax.top_k``; prefiltered on CPU).
+  ``curvature.top_k`` (identical to ``jax.lax.top_k``; prefiltered on CPU). ``valid_bt``: positions whose policy is
+  needed (completion tokens); elsewhere the result may be a placeholder (``top_k``'s ``where``).
   """
   chex.assert_rank([logits_btv, tokens_bt], [3, 2])
   chex.assert_equal_shape_prefix([logits_btv, tokens_bt], 2)
@@ -318,7 +331,8 @@ def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: f
   if not 1 <= top_k <= vocab:
     raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}; lower top_k to at most the vocabulary.")
   dtype = _compute_dtype(logits_btv)
-  top_logits_btk, ids_btk = _exact_top_k(logits_btv.astype(dtype), top_k)
+  where = None if valid_bt is None else valid_bt > 0
+  top_logits_btk, ids_btk = _exact_top_k(logits_btv.astype(dtype), top_k, where=where)
   probs_btk = jax.nn.softmax(top_logits_btk / temperature, axis=-1)
   onehot_btk = (ids_btk == tokens_bt[..., None]).astype(dtype)
   return TopKPolicy(ids_btk.astype(jnp.int32), probs_btk, onehot_btk)
@@ -452,7 +466,7 @@ def curvature_statistics(
     raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
   b, t, h = hidden_bth.shape
   vocab = logits_btv.shape[-1]
-  top = top_k_policy(logits_btv, tokens_bt, top_k, temperature)
+  top = top_k_policy(logits_btv, tokens_bt, top_k, temperature, valid_bt=completion_mask_bt)
   dtype = top.probs_btk.dtype
   hidden_bth = hidden_bth.astype(dtype)
   adv_bt = jnp.broadcast_to(advantages_b.astype(dtype)[:, None], (b, t))

@@ -194,6 +194,13 @@ def test_prefiltered_top_k_is_lax_top_k(kind):
   # Batched leading axes, and the backend default, go through the same function.
   got = cv.top_k(x.reshape(4, n // 4, v), k)
   np.testing.assert_array_equal(got[1].reshape(n, k), want[1])
+  # Rows masked out by `where` get the placeholder (ids 0..k-1, values 0); the others stay exact.
+  rows = np.arange(n) % 3 != 0
+  got = jax.jit(lambda z, w: cv.top_k(z, k, where=w, prefilter=True))(x, rows)
+  np.testing.assert_array_equal(got[1][rows], want[1][rows])
+  np.testing.assert_array_equal(got[0][rows], want[0][rows])
+  np.testing.assert_array_equal(got[1][~rows], np.broadcast_to(np.arange(k), (int((~rows).sum()), k)))
+  np.testing.assert_array_equal(got[0][~rows], 0.0)
 
 def _model_outputs(seed, b=2, t=5):
   rng = np.random.default_rng(seed)
