@@ -35,7 +35,7 @@ clean:
 # (resumable: finished runs under $(MINI_ROOT)* are skipped; delete those folders to start from scratch), then the
 # reports from their output files. Measured 52.5 min on the 2-core CPU (docs/RESULTS.md).
 MINI_ROOT ?= runs/sweep-mini
-.PHONY: reproduce-mini reproduce-extra reproduce-deep
+.PHONY: reproduce-mini reproduce-extra reproduce-size
 reproduce-mini: install
 	$(VPY) -m experiments.sweep --methods grpo,capo,trust_region --lrs 5e-4,1e-4 --seeds 0,1,2 \
 	  --root $(MINI_ROOT) --parallel 2
@@ -73,12 +73,19 @@ reproduce-extra: reproduce-mini
 	  --figures extra --make_target reproduce-extra \
 	  --title "Results, extension (issue 6): other curvature models, Dr./Rein at 1e-4, a 10x lr range"
 
-# Issue 6, Q2 (docs/results/RESULTS_DEEP.md): the same task with a 4-layer model (own warm starts).
+# Issue 6, model size (Q2, Q5): the same task with a 4-layer model (own warm starts; docs/results/RESULTS_DEEP.md),
+# and the first RL step of a width-256 model at both rates (m_H / m_F at step 1 for the tau-scaling question;
+# docs/results/RESULTS_WIDTH.md).
 DEEP_ROOT ?= runs/sweep-deep
-reproduce-deep: install
+WIDTH_ROOT ?= runs/sweep-width256
+reproduce-size: install
 	$(VPY) -m experiments.sweep --methods grpo --lrs 5e-4,1e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
 	  --gin_param TrainConfig.num_layers=4 --parallel 2
 	$(VPY) -m experiments.sweep --methods capo,trust_region --lrs 5e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
 	  --gin_param TrainConfig.num_layers=4 --parallel 2
 	$(VPY) -m experiments.report --root $(DEEP_ROOT) --out docs/results --markdown RESULTS_DEEP.md --figures deep \
-	  --make_target reproduce-deep --title "Results, 4-layer model (issue 6, Q2)"
+	  --make_target reproduce-size --title "Results, 4-layer model (issue 6, Q2)"
+	$(VPY) -m experiments.sweep --methods grpo --lrs 1e-4,5e-4 --seeds 0,1,2 --num_steps 1 --root $(WIDTH_ROOT) \
+	  --gin_param TrainConfig.hidden_size=256 --gin_param TrainConfig.intermediate_size=768 --parallel 2
+	$(VPY) -m experiments.report --root $(WIDTH_ROOT) --out docs/results --markdown RESULTS_WIDTH.md --figures width \
+	  --make_target reproduce-size --title "Results, width-256 model, first RL step only (issue 6, Q5)"

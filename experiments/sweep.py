@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -189,27 +190,58 @@ def machine_info() -> dict:
 
 
 class Manifest:
-  """``<root>/manifest.json``: the runs (keyed by run id) with their commands and outcomes, and the invocations."""
+  """``<root>/manifest.json``: the runs (keyed by run id) with their commands and outcomes, and the invocations.
+
+  Safe for several sweeps on one root at once (e.g. two method groups sharing a warm-start cache): every change
+  re-reads the file under an exclusive ``fcntl`` lock on ``<root>/manifest.lock``, applies itself and rewrites the
+  file atomically, so no invocation overwrites another's records.
+  """
 
   def __init__(self, root: str):
     self.path = os.path.join(root, "manifest.json")
-    self.data = {"runs": {}, "invocations": []}
+    self.lock_path = os.path.join(root, "manifest.lock")
+    self.data = self._load()
+
+  def _load(self) -> dict:
     if os.path.exists(self.path):
       with open(self.path) as f:
-        self.data = json.load(f)
+        return json.load(f)
+    return {"runs": {}, "invocations": []}
 
-  def save(self) -> None:
+  def _update(self, change) -> None:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.data, f, indent=1, sort_keys=True)
-    os.replace(tmp, self.path)
+    with open(self.lock_path, "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        data = self._load()
+        change(data)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+          json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+        self.data = data
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+  def add_invocation(self, invocation: dict) -> str:
+    """Appends an invocation record; returns its id (used by ``update_invocation``)."""
+    inv_id = f"{invocation.get('start', '')}-{os.getpid()}-{time.time_ns()}"
+    self._update(lambda d: d.setdefault("invocations", []).append(dict(invocation, id=inv_id)))
+    return inv_id
+
+  def update_invocation(self, inv_id: str, **fields) -> None:
+    def change(d):
+      for inv in d.setdefault("invocations", []):
+        if inv.get("id") == inv_id:
+          inv.update(fields)
+    self._update(change)
 
   def record(self, run: PlannedRun, **fields) -> None:
-    entry = self.data["runs"].setdefault(run.run_id, {})
-    entry.update({"method": run.method, "lr": run.lr, "seed": run.seed, "workdir": run.workdir,
-                  "command": run.command}, **fields)
-    self.save()
+    def change(d):
+      entry = d.setdefault("runs", {}).setdefault(run.run_id, {})
+      entry.update({"method": run.method, "lr": run.lr, "seed": run.seed, "workdir": run.workdir,
+                    "command": run.command}, **fields)
+    self._update(change)
 
 
 def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: int = 1, argv: Sequence[str] = (),
@@ -222,8 +254,7 @@ def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: 
   manifest = Manifest(root)
   invocation = {"argv": list(argv), "start": datetime.datetime.now().isoformat(timespec="seconds"),
                 "machine": machine_info()}
-  manifest.data["invocations"].append(invocation)
-  manifest.save()
+  inv_id = manifest.add_invocation(invocation)
   t_start = time.time()
   status: dict[str, str] = {}
   pending = []
@@ -278,9 +309,8 @@ def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: 
       proc.wait()
       logf.close()
       manifest.record(run, status="interrupted")
-    invocation["end"] = datetime.datetime.now().isoformat(timespec="seconds")
-    invocation["wall_s"] = time.time() - t_start
-    manifest.save()
+    manifest.update_invocation(inv_id, end=datetime.datetime.now().isoformat(timespec="seconds"),
+                               wall_s=time.time() - t_start)
   return status
 
 

@@ -265,3 +265,24 @@ def test_report_merges_roots_and_tabulates_robustness(tmp_path):
   _write_run(extra, "grpo", 1e-4, 0, [0.4, 0.4, 0.4], learner_s=1.0)
   with pytest.raises(ValueError, match="appear in two sweep roots"):
     report.report(f"{core},{extra}", out)
+
+
+def test_manifest_keeps_concurrent_invocations(tmp_path):
+  """Two sweeps on one root (two Manifest objects, interleaved writes) both keep their runs and invocations."""
+  root = str(tmp_path / "sweep")
+  a, b = sweep.Manifest(root), sweep.Manifest(root)
+  run_a = sweep.PlannedRun("grpo", 1e-4, 0, os.path.join(root, "grpo/lr1e-4/seed0"), ("python", "a"))
+  run_b = sweep.PlannedRun("capo", 1e-4, 0, os.path.join(root, "capo/lr1e-4/seed0"), ("python", "b"))
+  ia = a.add_invocation({"argv": ["a"]})
+  ib = b.add_invocation({"argv": ["b"]})
+  a.record(run_a, status="running")
+  b.record(run_b, status="running")
+  a.record(run_a, status="finished", wall_s=3.0)
+  a.update_invocation(ia, wall_s=10.0)
+  b.update_invocation(ib, wall_s=20.0)
+  with open(os.path.join(root, "manifest.json")) as f:
+    data = json.load(f)
+  assert data["runs"]["grpo/lr1e-4/seed0"]["status"] == "finished"
+  assert data["runs"]["capo/lr1e-4/seed0"]["status"] == "running"
+  assert data["runs"]["capo/lr1e-4/seed0"]["command"] == "python b"
+  assert sorted((i["argv"][0], i["wall_s"]) for i in data["invocations"]) == [("a", 10.0), ("b", 20.0)]
