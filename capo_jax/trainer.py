@@ -452,8 +452,7 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", cache_dir: s
   p_len, n_new = cfg.max_prompt_length, cfg.max_new_tokens
 
   def logits_fn(params, batch: learner.SequenceBatch):
-    hidden, w, _ = learner.completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, n_new)
-    return jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return learner.completion_logits(graphdef, params, batch, n_new)
 
   optimizer, capo = build_optimizer(cfg, logits_fn)
   loss_config = learner.LossConfig(
