@@ -202,6 +202,91 @@ def test_prefiltered_top_k_is_lax_top_k(kind):
   np.testing.assert_array_equal(got[1][~rows], np.broadcast_to(np.arange(k), (int((~rows).sum()), k)))
   np.testing.assert_array_equal(got[0][~rows], 0.0)
 
+def _top_k_inputs(kind, n=64, v=1024, k=50, seed=7):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, v)).astype(np.float32) * 3
+  if kind == "peaked":
+    x[:, :38] += 8.0
+  elif kind == "ties":
+    x = np.round(x)
+  elif kind == "neg_inf":
+    x[: n // 2, 20:] = -np.inf
+  elif kind == "nan":
+    x[3, 5] = np.nan
+  elif kind == "small_vocab":
+    x = x[:, :3 * k]
+  elif kind == "signed_zeros":  # 30 positives, then +0.0 and −0.0 across the k-th boundary (XLA: −0.0 < 0.0)
+    x = np.where(rng.uniform(size=(n, v)) < 0.5, np.float32(0.0), np.float32(-0.0))
+    x[:, rng.permutation(v)[:30]] = rng.uniform(1, 2, size=(n, 30))
+  return jnp.asarray(x)
+
+
+def _as_sets(values, ids):
+  """Sort each row's (id, value) pairs by id so that two top-K results compare as sets."""
+  order = np.argsort(np.asarray(ids), axis=-1)
+  return np.take_along_axis(np.asarray(ids), order, -1), np.take_along_axis(np.asarray(values), order, -1)
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "ties", "neg_inf", "nan", "small_vocab", "signed_zeros"])
+@pytest.mark.parametrize("capacity", [50, 128])
+def test_top_k_set_is_lax_top_k_as_a_set(kind, capacity):
+  """top_k_set returns the same (id, value) pairs as jax.lax.top_k (ties by lower id, −0.0 below 0.0, NaN and −∞
+  rows included), whichever branch runs: selection when the candidates fit, the exact sort when they do not."""
+  k = 50
+  x = _top_k_inputs(kind, k=k)
+  want = _as_sets(*jax.lax.top_k(x, k))
+  got = jax.jit(lambda z: cv.top_k_set(z, k, enabled=True, capacity=capacity))(x)
+  got_ids, got_values = _as_sets(*got)
+  np.testing.assert_array_equal(got_ids, want[0])
+  np.testing.assert_array_equal(np.signbit(got_values), np.signbit(want[1]))
+  np.testing.assert_array_equal(got_values, want[1])
+  # Leading axes and `where`: needed rows exact, the others get ids 0..k-1 and values 0.
+  rows = np.arange(x.shape[0]) % 3 != 0
+  values, ids = jax.jit(lambda z, w: cv.top_k_set(z, k, where=w, enabled=True, capacity=capacity))(
+      x.reshape(4, -1, x.shape[-1]), rows.reshape(4, -1))
+  values, ids = values.reshape(-1, k), ids.reshape(-1, k)
+  got_ids, got_values = _as_sets(values[rows], ids[rows])
+  np.testing.assert_array_equal(got_ids, want[0][rows])
+  np.testing.assert_array_equal(got_values, want[1][rows])
+  np.testing.assert_array_equal(ids[~rows], np.broadcast_to(np.arange(k), (int((~rows).sum()), k)))
+  np.testing.assert_array_equal(values[~rows], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "ties", "signed_zeros"])
+def test_top_k_selection_path_itself(kind):
+  """The selection branch on its own (the cond in top_k_set hides which branch ran): candidates z ≥ lo for a lo at
+  or below the k-th value, ranked with ties by lower id in XLA's float order, give lax.top_k's set."""
+  k, n = 50, 64
+  x = _top_k_inputs(kind, k=k)
+  kth = np.sort(np.asarray(x), axis=-1)[:, -k]
+  lo = jnp.asarray(np.where(kind == "signed_zeros", 0.0, kth - 0.3).astype(np.float32))  # 0.0: −0.0 ≥ 0.0 too
+  count = int(np.max(np.sum(np.asarray(x) >= np.asarray(lo)[:, None], axis=-1)))
+  capacity = -(-count // 32) * 32
+  rows = jnp.ones((n,), bool)
+  got = jax.jit(lambda z, l: cv._select_top_k(z, l, rows, k, capacity))(x, lo)
+  want = _as_sets(*jax.lax.top_k(x, k))
+  got_ids, got_values = _as_sets(*got)
+  np.testing.assert_array_equal(got_ids, want[0])
+  np.testing.assert_array_equal(np.signbit(got_values), np.signbit(want[1]))
+  if kind == "signed_zeros":
+    assert count > k  # the boundary really lies inside a run of equal keys
+
+
+@pytest.mark.parametrize("m", [32, 70, 1024])
+def test_compact_lists_true_positions_in_order(m):
+  rng = np.random.default_rng(m)
+  mask = rng.uniform(size=(40, m)) < rng.uniform(0.0, 0.3, size=(40, 1))
+  mask[0] = False
+  mask[1] = True
+  slots = 48
+  pos, real = jax.jit(lambda a: cv._compact(a, slots))(jnp.asarray(mask))
+  for row, p, r in zip(mask, np.asarray(pos), np.asarray(real)):
+    want = np.flatnonzero(row)[:slots]
+    np.testing.assert_array_equal(r, np.arange(slots) < len(want))
+    np.testing.assert_array_equal(p[: len(want)], want)
+    assert np.all((0 <= p) & (p < m))
+
+
 def _model_outputs(seed, b=2, t=5):
   rng = np.random.default_rng(seed)
   w = jnp.asarray(rng.normal(size=(V, H)))
