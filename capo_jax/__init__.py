@@ -37,12 +37,16 @@ from capo_jax.curvature import (
     curvature_mask,
     curvature_penalty,
     curvature_statistics,
+    curvature_statistics_from_hidden,
     fisher_keep,
     hessian_keep,
     last_layer_token_stats,
     mask_metrics,
     preset,
+    top_k,
     top_k_policy,
+    top_k_policy_from_hidden,
+    top_k_set,
     unembedding_gradient,
 )
 from capo_jax.curvature_full import (

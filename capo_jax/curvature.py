@@ -486,6 +486,63 @@ def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: f
 
 _top_k_set = top_k_set  # top_k_policy's argument shadows the module's top_k
 
+# float32 elements of one [B, chunk, V] logits block in ``top_k_policy_from_hidden`` (64 MiB, as ``token_logprobs``).
+_LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _time_chunk(batch: int, time: int, vocab: int, chunk_size: int | None) -> int:
+  if chunk_size is not None:
+    if chunk_size < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    return min(chunk_size, time)
+  return max(1, min(time, _LOGITS_CHUNK_ELEMENTS // max(1, batch * vocab)))
+
+
+def _map_time_chunks(fn, xs: tuple[Array, ...], chunk: int):
+  """``fn(*[x[:, s:s + chunk] for x in xs])`` over the time axis (axis 1), concatenated back along it. Full chunks
+  go through ``jax.lax.map`` (one chunk's intermediates alive at a time); a shorter remainder runs once."""
+  time = xs[0].shape[1]
+  num_full = time // chunk
+  parts = []
+  if num_full:
+    def one(i):
+      return fn(*(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1) for x in xs))
+
+    out = jax.lax.map(one, jnp.arange(num_full))  # leaves [num_full, B, chunk, ...]
+    parts.append(jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], num_full * chunk, *y.shape[3:]),
+                              out))
+  if time % chunk:
+    parts.append(fn(*(x[:, num_full * chunk:] for x in xs)))
+  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts) if len(parts) > 1 else parts[0]
+
+
+def top_k_policy_from_hidden(hidden_bth: Array, unembedding_vh: Array, tokens_bt: Array, top_k: int,
+                             temperature: float = 1.0, valid_bt: Array | None = None,
+                             chunk_size: int | None = None) -> TopKPolicy:
+  """``top_k_policy`` of the logits z = h Wᵀ without materialising the [B, T, V] logits.
+
+  The unembedding matmul (float32 accumulation) and the top-K run per time chunk, so the extra peak memory is one
+  [B, chunk, V] float32 block (default ``chunk_size``: ≤ 64 MiB per block) plus the [B, T, K] result — at Qwen's
+  vocabulary and 8 × 1024 tokens that is 64 MiB instead of 5 GiB. ``valid_bt`` as in ``top_k_policy``.
+  """
+  chex.assert_rank([hidden_bth, unembedding_vh, tokens_bt], [3, 2, 2])
+  chex.assert_equal_shape_prefix([hidden_bth, tokens_bt], 2)
+  batch, time, width = hidden_bth.shape
+  vocab = unembedding_vh.shape[0]
+  if unembedding_vh.shape[1] != width:
+    raise ValueError(f"hidden width {width} does not match the unembedding's {unembedding_vh.shape[1]} ([V, H] "
+                     "layout expected).")
+  if not 1 <= top_k <= vocab:
+    raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}; lower top_k to at most the vocabulary.")
+  valid_bt = jnp.ones((batch, time), bool) if valid_bt is None else valid_bt
+  w_vh = unembedding_vh.astype(hidden_bth.dtype)
+
+  def chunk_fn(h_bch, tok_bc, valid_bc):
+    z_bcv = jnp.einsum("bch,vh->bcv", h_bch, w_vh, preferred_element_type=jnp.float32)
+    return top_k_policy(z_bcv, tok_bc, top_k, temperature, valid_bt=valid_bc)
+
+  return _map_time_chunks(chunk_fn, (hidden_bth, tokens_bt, valid_bt), _time_chunk(batch, time, vocab, chunk_size))
+
 
 class CurvatureStatistics(NamedTuple):
   """``curvature_statistics`` output: stats of shape [B,T] (token), [B] (sentence) or [] (global), and the top-K."""
@@ -610,9 +667,46 @@ def curvature_statistics(
   chex.assert_equal_shape_prefix([hidden_bth, advantages_b], 1)
   if granularity not in _GRANULARITIES:
     raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
-  b, t, h = hidden_bth.shape
-  vocab = logits_btv.shape[-1]
   top = top_k_policy(logits_btv, tokens_bt, top_k, temperature, valid_bt=completion_mask_bt)
+  return _statistics_of_top(hidden_bth, top, logits_btv.shape[-1], advantages_b, completion_mask_bt,
+                            learning_rate=learning_rate, direction=direction, granularity=granularity,
+                            chunk_size=chunk_size)
+
+
+def curvature_statistics_from_hidden(
+    hidden_bth: Array,
+    unembedding_vh: Array,
+    tokens_bt: Array,
+    advantages_b: Array,
+    completion_mask_bt: Array,
+    *,
+    top_k: int,
+    learning_rate: Array | float,
+    direction: DirectionModel = SGDDirection(),
+    granularity: Granularity = "token",
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    logits_chunk_size: int | None = None,
+) -> CurvatureStatistics:
+  """``curvature_statistics`` with the logits z = h Wᵀ formed one time chunk at a time (``top_k_policy_from_hidden``):
+  the same statistics without a [B, T, V] array (``logits_chunk_size``: time steps per chunk, default ≤ 64 MiB)."""
+  chex.assert_rank([hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 2, 1, 2])
+  chex.assert_equal_shape_prefix([hidden_bth, tokens_bt, completion_mask_bt], 2)
+  chex.assert_equal_shape_prefix([hidden_bth, advantages_b], 1)
+  if granularity not in _GRANULARITIES:
+    raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
+  top = top_k_policy_from_hidden(hidden_bth, unembedding_vh, tokens_bt, top_k, temperature,
+                                 valid_bt=completion_mask_bt > 0, chunk_size=logits_chunk_size)
+  return _statistics_of_top(hidden_bth, top, unembedding_vh.shape[0], advantages_b, completion_mask_bt,
+                            learning_rate=learning_rate, direction=direction, granularity=granularity,
+                            chunk_size=chunk_size)
+
+
+def _statistics_of_top(hidden_bth: Array, top: TopKPolicy, vocab: int, advantages_b: Array,
+                       completion_mask_bt: Array, *, learning_rate, direction, granularity,
+                       chunk_size) -> CurvatureStatistics:
+  """The statistics of ``curvature_statistics`` from an already computed top-K policy."""
+  b, t, h = hidden_bth.shape
   dtype = top.probs_btk.dtype
   hidden_bth = hidden_bth.astype(dtype)
   adv_bt = jnp.broadcast_to(advantages_b.astype(dtype)[:, None], (b, t))

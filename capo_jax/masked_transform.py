@@ -166,6 +166,14 @@ class MaskedTransformation(optax.GradientTransformationExtraArgs):
     """
     return self._token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt)
 
+  def token_mask_from_hidden(self, opt_state: Any, hidden_bth: Array, unembedding_vh: Array, tokens_bt: Array,
+                             advantages_b: Array, completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+    """``token_mask`` with the logits z = h Wᵀ formed one time chunk at a time from the final hidden states and the
+    [V, H] unembedding: the same mask without a [B, T, V] array (the step's loss can then use
+    ``capo_jax.token_logprobs_from_hidden`` and never hold the full logits either)."""
+    return self._token_mask_from_hidden_fn(opt_state, hidden_bth, unembedding_vh, tokens_bt, advantages_b,
+                                           completion_mask_bt)
+
 
 def masked_transform(
     inner: optax.GradientTransformation,
@@ -294,17 +302,12 @@ def masked_transform(
                        "unembedding parameter must be stored as [V,H] with logits = hidden @ W.T.")
     return cv.AdamDirection(mu, nu, adam.count, c1, c2, e, moments_of_loss=True)
 
-  def token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt):
-    chex.assert_rank([hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt], [3, 3, 2, 1, 2])
-    state = _find_own_state(opt_state)
+  def masked(opt_state, hidden_bth, advantages_b, completion_mask_bt, statistics):
+    """Shared tail of both entry points: ``statistics(state, eta, hidden)`` → the mask and its ``CapoAux``."""
+    state = jax.lax.stop_gradient(_find_own_state(opt_state))
     hidden_bth = jax.lax.stop_gradient(hidden_bth)
-    logits_btv = jax.lax.stop_gradient(logits_btv)
-    state = jax.lax.stop_gradient(state)
     eta = eta_of(state)
-    stats = cv.curvature_statistics(
-        hidden_bth, logits_btv, tokens_bt, jax.lax.stop_gradient(advantages_b), completion_mask_bt, top_k=top_k,
-        learning_rate=eta, direction=direction_of(state, logits_btv.shape[-1], hidden_bth.shape[-1]),
-        granularity=granularity, temperature=temperature, chunk_size=chunk_size)
+    stats = statistics(state, eta, hidden_bth)
     mask = cv.curvature_mask(stats.m_hessian, stats.m_fisher, tau_fisher=tau_fisher, tau_hessian=tau_hessian,
                              hessian_rule=hessian_rule)
     completion = completion_mask_bt > 0
@@ -314,6 +317,30 @@ def masked_transform(
     final_bt = (cv.broadcast_to_tokens(mask.keep, completion.shape) & completion).astype(jnp.float32)
     return final_bt, CapoAux(final_bt, metrics, stats.m_hessian, stats.m_fisher, hidden_bth, stats.top_k,
                              jax.lax.stop_gradient(advantages_b))
+
+  def token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt):
+    chex.assert_rank([hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt], [3, 3, 2, 1, 2])
+
+    def statistics(state, eta, hidden):
+      return cv.curvature_statistics(
+          hidden, jax.lax.stop_gradient(logits_btv), tokens_bt, jax.lax.stop_gradient(advantages_b),
+          completion_mask_bt, top_k=top_k, learning_rate=eta,
+          direction=direction_of(state, logits_btv.shape[-1], hidden.shape[-1]), granularity=granularity,
+          temperature=temperature, chunk_size=chunk_size)
+
+    return masked(opt_state, hidden_bth, advantages_b, completion_mask_bt, statistics)
+
+  def token_mask_from_hidden_fn(opt_state, hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt):
+    chex.assert_rank([hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 2, 1, 2])
+
+    def statistics(state, eta, hidden):
+      return cv.curvature_statistics_from_hidden(
+          hidden, jax.lax.stop_gradient(unembedding_vh), tokens_bt, jax.lax.stop_gradient(advantages_b),
+          completion_mask_bt, top_k=top_k, learning_rate=eta,
+          direction=direction_of(state, unembedding_vh.shape[0], hidden.shape[-1]), granularity=granularity,
+          temperature=temperature, chunk_size=chunk_size)
+
+    return masked(opt_state, hidden_bth, advantages_b, completion_mask_bt, statistics)
 
   def update_fn(updates, state, params=None, *, capo_aux: CapoAux | None = None, **extra_args):
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -343,4 +370,5 @@ def masked_transform(
 
   tx = MaskedTransformation(init_fn, update_fn)
   tx._token_mask_fn = token_mask_fn  # NamedTuple subclasses without __slots__ carry a __dict__.
+  tx._token_mask_from_hidden_fn = token_mask_from_hidden_fn
   return tx

@@ -274,12 +274,12 @@ def make_learner_step(cfg: TrainConfig, graphdef, optimizer, capo, loss_config: 
 
 
 def capo_token_mask_fn(capo) -> learner.TokenMaskFn:
-  """Adapts ``MaskedTransformation.token_mask`` to the learner's hook (logits from the fused hidden states)."""
+  """Adapts ``MaskedTransformation.token_mask_from_hidden`` to the learner's hook: the logits are formed one time
+  chunk at a time from the hidden states, as the loss's ``token_logprobs_from_hidden`` does (no [B, N, V] array)."""
 
   def fn(hidden_bnh, w_vh, targets_bn, advantages_b, completion_mask_bn, opt_state):
-    logits_bnv = jnp.einsum("bnh,vh->bnv", hidden_bnh, w_vh.astype(hidden_bnh.dtype),
-                            preferred_element_type=jnp.float32)
-    mask_bn, aux = capo.token_mask(opt_state, hidden_bnh, logits_bnv, targets_bn, advantages_b, completion_mask_bn)
+    mask_bn, aux = capo.token_mask_from_hidden(opt_state, hidden_bnh, w_vh, targets_bn, advantages_b,
+                                               completion_mask_bn)
     return mask_bn, {"capo_aux": aux}, dict(aux.metrics)
 
   return fn

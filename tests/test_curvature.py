@@ -437,3 +437,25 @@ def test_mask_metrics_by_hand():
   np.testing.assert_allclose(out["m_fisher_p90"], np.quantile(kept_f, 0.9), rtol=1e-6)
   np.testing.assert_allclose(out["m_hessian_max"], 0.4, rtol=1e-6)
   np.testing.assert_allclose(out["m_fisher_max"], 4.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_top_k_policy_from_hidden_never_forms_the_logits(chunk):
+  """top_k_policy_from_hidden = top_k_policy(h Wᵀ) (as sets along K; the CPU path selects, V = 1024, K = 50), with
+  a time remainder chunk (T = 7, chunk 3), and no intermediate of B·T·V elements exists."""
+  b, t, h, v, k = 3, 7, 16, 1024, 50
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(v, h)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, v, size=(b, t)))
+  valid = jnp.asarray(rng.uniform(size=(b, t)) < 0.8)
+  logits = jnp.einsum("bth,vh->btv", hidden, w, preferred_element_type=jnp.float32)
+  want = cv.top_k_policy(logits, tokens, k, 0.7, valid_bt=valid)
+  fn = lambda hd, ww: cv.top_k_policy_from_hidden(hd, ww, tokens, k, 0.7, valid_bt=valid, chunk_size=chunk)
+  got = jax.jit(fn)(hidden, w)
+  for field in ("ids_btk", "probs_btk", "onehot_btk"):
+    np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-7, err_msg=field)
+  sizes = [int(np.prod(s)) for _, s in _all_avals(jax.make_jaxpr(fn)(hidden, w).jaxpr)]
+  if chunk is not None:
+    assert max(sizes) < b * t * v, max(sizes)
+    assert b * chunk * v in sizes  # the per-chunk logits block is really there

@@ -248,3 +248,29 @@ def test_sentence_granularity_masks_whole_rows():
   rows = np.abs(np.asarray(aux.m_hessian)) < tau
   np.testing.assert_array_equal(keep, mask * rows[:, None])
   assert 0 < rows.sum() < B
+
+
+@pytest.mark.parametrize("logits_chunk", [None, 4])
+def test_token_mask_from_hidden_equals_token_mask(logits_chunk, monkeypatch):
+  """The trainer's entry point (logits formed per time chunk from h and W) gives token_mask's mask, statistics,
+  top-K and metrics; with a chunk of 4 over T = 6 a remainder chunk is exercised too."""
+  params, batch = _params(), _batch()
+  tokens, adv, mask = batch
+  capo = masked_transform(optax.adam(0.05), tau_fisher=1e9, tau_hessian=1e9, learning_rate=0.05, top_k=K)
+  params, opt_state = _adam_after_one_step(capo, capo, params, batch)
+  hidden, logits = _forward(params, tokens)
+  _, aux = capo.token_mask(opt_state, hidden, logits, tokens[:, 1:], adv, mask)
+  tau_h = float(jnp.median(jnp.abs(aux.m_hessian[mask > 0])))  # a mask that really rejects tokens
+  capo = masked_transform(optax.adam(0.05), tau_fisher=1e9, tau_hessian=tau_h, learning_rate=0.05, top_k=K)
+  if logits_chunk is not None:
+    monkeypatch.setattr(cv, "_LOGITS_CHUNK_ELEMENTS", B * V * logits_chunk)
+  want_mask, want = jax.jit(capo.token_mask)(opt_state, hidden, logits, tokens[:, 1:], adv, mask)
+  got_mask, got = jax.jit(capo.token_mask_from_hidden)(
+      opt_state, hidden, params["lm_head"]["weight"], tokens[:, 1:], adv, mask)
+  assert 0 < int(got_mask.sum()) < int(mask.sum())
+  np.testing.assert_array_equal(got_mask, want_mask)
+  np.testing.assert_allclose(got.m_hessian, want.m_hessian, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(got.m_fisher, want.m_fisher, rtol=1e-5, atol=1e-12)
+  np.testing.assert_array_equal(got.top_k.ids_btk, want.top_k.ids_btk)
+  for key in want.metrics:
+    np.testing.assert_allclose(got.metrics[key], want.metrics[key], rtol=1e-5, atol=1e-12)
