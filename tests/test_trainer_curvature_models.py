@@ -30,14 +30,6 @@ P, G, PROMPT, N = 4, 3, 4, 6  # prompt groups, completions per group, prompt and
 LOSS = learner.LossConfig(aggregation="seq-mean-token-mean", max_completion_length=N)
 
 
-@pytest.fixture(autouse=True)
-def _no_gin_bindings():
-  """TrainConfig is gin-configurable: bindings parsed by an earlier test (of any file) would leak into it."""
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def _tree_allclose(a, b, rtol=1e-4):
   fa, fb = ravel_pytree(a)[0], ravel_pytree(b)[0]
   scale = float(jnp.max(jnp.abs(fb)))
@@ -47,7 +39,7 @@ def _tree_allclose(a, b, rtol=1e-4):
 @pytest.fixture(scope="module")
 def problem():
   """A tiny model, a batch ordered by prompt group and the trainer's chain (clip → τ = ∞ monitor around AdamW)."""
-  gin.clear_config()  # module fixtures run before the function-scoped _no_gin_bindings
+  gin.clear_config()  # module fixtures run before the function-scoped clearing of tests/conftest.py
   cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                     attention_bias=True)
   graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
