@@ -1,6 +1,8 @@
 """Tests of capo_jax.curvature: the last-layer model against brute-force autodiff (float64), the Adam direction against
 optax's own arithmetic, the CAPO.md §5 pitfalls, chunking/memory, granularities, mask rules, presets and metrics."""
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -459,3 +461,30 @@ def test_top_k_policy_from_hidden_never_forms_the_logits(chunk):
   if chunk is not None:
     assert max(sizes) < b * t * v, max(sizes)
     assert b * chunk * v in sizes  # the per-chunk logits block is really there
+
+
+_FUZZ_TOP_K = {(k, c): jax.jit(lambda z, w, k=k, c=c: cv.top_k_set(z, k, where=w, enabled=True, capacity=c))
+               for k in (8, 50) for c in (64, 128)}
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), levels=st.sampled_from([3, 20, 1000, 0]),
+                  neg_inf=st.sampled_from([0.0, 0.5, 0.97]), k=st.sampled_from([8, 50]),
+                  capacity=st.sampled_from([64, 128]))
+def test_top_k_set_fuzz(seed, levels, neg_inf, k, capacity):
+  """Random rows with few distinct values (heavy ties), −∞ runs, signed zeros and padding rows: top_k_set's needed
+  rows always hold lax.top_k's (id, value) set, whichever branch runs."""
+  rng = np.random.default_rng(seed)
+  n, v = 16, 256
+  x = rng.normal(size=(n, v)).astype(np.float32)
+  if levels:  # quantise: ties across the k-th boundary, and −0.0 next to 0.0
+    x = np.round(x * levels / 4).astype(np.float32) * np.float32(4 / levels)
+  x[rng.uniform(size=(n, v)) < neg_inf] = -np.inf
+  rows = rng.uniform(size=n) < 0.8
+  x = jnp.asarray(x)
+  values, ids = _FUZZ_TOP_K[(k, capacity)](x, jnp.asarray(rows))
+  want_ids, want_values = _as_sets(*jax.lax.top_k(x, k))
+  got_ids, got_values = _as_sets(values, ids)
+  np.testing.assert_array_equal(got_ids[rows], want_ids[rows])
+  np.testing.assert_array_equal(got_values[rows], want_values[rows])
+  np.testing.assert_array_equal(np.signbit(got_values[rows]), np.signbit(want_values[rows]))
