@@ -49,6 +49,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from capo_jax import logprobs
+
 Array = jax.Array
 HessianRule = Literal["symmetric", "nonsymmetric"]
 Granularity = Literal["token", "sentence", "global"]
@@ -514,18 +516,6 @@ def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: f
 
 _top_k_set = top_k_set  # top_k_policy's argument shadows the module's top_k
 
-# float32 elements of one [B, chunk, V] logits block in ``top_k_policy_from_hidden`` (64 MiB, as ``token_logprobs``).
-_LOGITS_CHUNK_ELEMENTS = 1 << 24
-
-
-def _time_chunk(batch: int, time: int, vocab: int, chunk_size: int | None) -> int:
-  if chunk_size is not None:
-    if chunk_size < 1:
-      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    return min(chunk_size, time)
-  return max(1, min(time, _LOGITS_CHUNK_ELEMENTS // max(1, batch * vocab)))
-
-
 def _map_time_chunks(fn, xs: tuple[Array, ...], chunk: int):
   """``fn(*[x[:, s:s + chunk] for x in xs])`` over the time axis (axis 1), concatenated back along it. Full chunks
   go through ``jax.lax.map`` (one chunk's intermediates alive at a time); a shorter remainder runs once."""
@@ -569,7 +559,8 @@ def top_k_policy_from_hidden(hidden_bth: Array, unembedding_vh: Array, tokens_bt
     z_bcv = jnp.einsum("bch,vh->bcv", h_bch, w_vh, preferred_element_type=jnp.float32)
     return top_k_policy(z_bcv, tok_bc, top_k, temperature, valid_bt=valid_bc)
 
-  return _map_time_chunks(chunk_fn, (hidden_bth, tokens_bt, valid_bt), _time_chunk(batch, time, vocab, chunk_size))
+  chunk = logprobs._auto_chunk(batch, time, vocab, chunk_size)  # the loss's own chunking (≤ 64 MiB)
+  return _map_time_chunks(chunk_fn, (hidden_bth, tokens_bt, valid_bt), chunk)
 
 
 class CurvatureStatistics(NamedTuple):
@@ -662,6 +653,14 @@ def _shared_direction_stats(
   return LastLayerStats(g_dot_d, m_hessian, m_fisher)
 
 
+def _check_statistics_inputs(hidden_bth, tokens_bt, advantages_b, completion_mask_bt, granularity) -> None:
+  chex.assert_rank([hidden_bth, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 1, 2])
+  chex.assert_equal_shape_prefix([hidden_bth, tokens_bt, completion_mask_bt], 2)
+  chex.assert_equal_shape_prefix([hidden_bth, advantages_b], 1)
+  if granularity not in _GRANULARITIES:
+    raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
+
+
 def curvature_statistics(
     hidden_bth: Array,
     logits_btv: Array,
@@ -690,11 +689,9 @@ def curvature_statistics(
 
   Sentence/global memory: one dense [V,H] gradient and direction per row in flight (rows are processed sequentially).
   """
-  chex.assert_rank([hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt], [3, 3, 2, 1, 2])
-  chex.assert_equal_shape_prefix([hidden_bth, logits_btv, tokens_bt, completion_mask_bt], 2)
-  chex.assert_equal_shape_prefix([hidden_bth, advantages_b], 1)
-  if granularity not in _GRANULARITIES:
-    raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
+  chex.assert_rank(logits_btv, 3)
+  _check_statistics_inputs(hidden_bth, tokens_bt, advantages_b, completion_mask_bt, granularity)
+  chex.assert_equal_shape_prefix([hidden_bth, logits_btv], 2)
   top = top_k_policy(logits_btv, tokens_bt, top_k, temperature, valid_bt=completion_mask_bt)
   return _statistics_of_top(hidden_bth, top, logits_btv.shape[-1], advantages_b, completion_mask_bt,
                             learning_rate=learning_rate, direction=direction, granularity=granularity,
@@ -718,11 +715,8 @@ def curvature_statistics_from_hidden(
 ) -> CurvatureStatistics:
   """``curvature_statistics`` with the logits z = h Wᵀ formed one time chunk at a time (``top_k_policy_from_hidden``):
   the same statistics without a [B, T, V] array (``logits_chunk_size``: time steps per chunk, default ≤ 64 MiB)."""
-  chex.assert_rank([hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 2, 1, 2])
-  chex.assert_equal_shape_prefix([hidden_bth, tokens_bt, completion_mask_bt], 2)
-  chex.assert_equal_shape_prefix([hidden_bth, advantages_b], 1)
-  if granularity not in _GRANULARITIES:
-    raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
+  chex.assert_rank(unembedding_vh, 2)
+  _check_statistics_inputs(hidden_bth, tokens_bt, advantages_b, completion_mask_bt, granularity)
   top = top_k_policy_from_hidden(hidden_bth, unembedding_vh, tokens_bt, top_k, temperature,
                                  valid_bt=completion_mask_bt > 0, chunk_size=logits_chunk_size)
   return _statistics_of_top(hidden_bth, top, unembedding_vh.shape[0], advantages_b, completion_mask_bt,

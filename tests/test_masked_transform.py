@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from capo_jax import curvature as cv
+from capo_jax import logprobs
 from capo_jax.masked_transform import MaskedTransformState, find_unembedding, masked_transform
 
 V, H, B, T, K = 13, 8, 4, 6, 5
@@ -263,7 +264,7 @@ def test_token_mask_from_hidden_equals_token_mask(logits_chunk, monkeypatch):
   tau_h = float(jnp.median(jnp.abs(aux.m_hessian[mask > 0])))  # a mask that really rejects tokens
   capo = masked_transform(optax.adam(0.05), tau_fisher=1e9, tau_hessian=tau_h, learning_rate=0.05, top_k=K)
   if logits_chunk is not None:
-    monkeypatch.setattr(cv, "_LOGITS_CHUNK_ELEMENTS", B * V * logits_chunk)
+    monkeypatch.setattr(logprobs, "_AUTO_CHUNK_ELEMENTS", B * V * logits_chunk)
   want_mask, want = jax.jit(capo.token_mask)(opt_state, hidden, logits, tokens[:, 1:], adv, mask)
   got_mask, got = jax.jit(capo.token_mask_from_hidden)(
       opt_state, hidden, params["lm_head"]["weight"], tokens[:, 1:], adv, mask)
