@@ -80,12 +80,12 @@ DEEP_ROOT ?= runs/sweep-deep
 WIDTH_ROOT ?= runs/sweep-width256
 reproduce-size: install
 	$(VPY) -m experiments.sweep --methods grpo --lrs 5e-4,1e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
-	  --gin_param TrainConfig.num_layers=4 --parallel 2
+	  --gin_param PolicyConfig.num_layers=4 --parallel 2
 	$(VPY) -m experiments.sweep --methods capo,trust_region --lrs 5e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
-	  --gin_param TrainConfig.num_layers=4 --parallel 2
+	  --gin_param PolicyConfig.num_layers=4 --parallel 2
 	$(VPY) -m experiments.report --root $(DEEP_ROOT) --out docs/results --markdown RESULTS_DEEP.md --figures deep \
 	  --make_target reproduce-size --title "Results, 4-layer model (issue 6, Q2)"
 	$(VPY) -m experiments.sweep --methods grpo --lrs 1e-4,5e-4 --seeds 0,1,2 --num_steps 1 --root $(WIDTH_ROOT) \
-	  --gin_param TrainConfig.hidden_size=256 --gin_param TrainConfig.intermediate_size=768 --parallel 2
+	  --gin_param PolicyConfig.hidden_size=256 --gin_param PolicyConfig.intermediate_size=768 --parallel 2
 	$(VPY) -m experiments.report --root $(WIDTH_ROOT) --out docs/results --markdown RESULTS_WIDTH.md --figures width \
 	  --make_target reproduce-size --title "Results, width-256 model, first RL step only (issue 6, Q5)"

@@ -2,10 +2,14 @@
 
 The public API is re-exported here flatly; each stage of the RL step lives in one module:
 
+- ``capo_jax.config``           typed, validated, gin-configurable run configuration (one dataclass per concern)
+- ``capo_jax.tasks``            the Task interface, the embedded arithmetic task, the supervised warm start
+- ``capo_jax.data``             data-set tasks from local JSONL / JSON / parquet / TFDS files (MATH, GSM8K, …)
 - ``capo_jax.models``           Flax NNX Qwen2/Llama decoder, KV cache, HF safetensors in/out
 - ``capo_jax.tokenization``     tokenizers from ``tokenizer.json`` (+ chat templates)
 - ``capo_jax.sampling``         jitted prefill + ``while_loop`` decode (temperature, top-k, top-p, stops)
-- ``capo_jax.rewards``          ``\\boxed{}`` extraction, integer and math-verify rewards
+- ``capo_jax.rewards``          ``\\boxed{}`` extraction, ``math_reward`` (math-verify in worker processes), shaping
+- ``capo_jax.rollout``          prompts → samples → rewards → advantages → the learner batch
 - ``capo_jax.advantages``       rewards → advantages (GRPO, Dr.GRPO, RLOO, REINFORCE)
 - ``capo_jax.logprobs``         logits/hidden states → per-token log-probs and entropies (float32, chunked)
 - ``capo_jax.losses``           surrogates (clip, GSPO, CISPO), aggregation, KL, entropy bonus
@@ -14,8 +18,9 @@ The public API is re-exported here flatly; each stage of the RL step lives in on
 - ``capo_jax.curvature_full``   full-network directional model, Theorem-5.1 subset acceptance
 - ``capo_jax.trust_region``     curvature trust region on the step (optax transformation)
 - ``capo_jax.learner``          jitted SFT / RL learner steps
+- ``capo_jax.components``       configs → the optax chain and the learner step
+- ``capo_jax.evaluation``       held-out pass@1 / pass@k / greedy of any task; ``capo_jax.eval_metrics`` estimators
 - ``capo_jax.trainer``          the RL host loop (rollouts, rewards, evals, Orbax checkpoints, metrics)
-- ``capo_jax.tasks``            the embedded arithmetic task and its subword tokenizer
 """
 
 from capo_jax.advantages import (
@@ -81,7 +86,32 @@ from capo_jax.masked_transform import (
 )
 from capo_jax.models import CausalLM, CausalLMOutput, KVCache, ModelConfig, apply
 from capo_jax.models.hf import load_hf, save_hf
-from capo_jax.rewards import extract_boxed, integer_reward, integer_rewards
+from capo_jax.config import (
+    CheckpointConfig,
+    ConfigError,
+    CurvatureConfig,
+    EvalConfig,
+    LossConfig,
+    OptimizerConfig,
+    PolicyConfig,
+    RolloutConfig,
+    TrainConfig,
+    WarmStartConfig,
+)
+from capo_jax.data import DatasetTask
+from capo_jax.eval_metrics import breakdown, maj_at_k, mean_at_k, pass_at_k
+from capo_jax.rewards import (
+    MathRewardStats,
+    MathVerifyPool,
+    extract_boxed,
+    format_reward,
+    integer_reward,
+    integer_rewards,
+    math_reward,
+    math_reward_details,
+    overlong_penalty,
+)
+from capo_jax.tasks import ArithTask, Problem, Task
 from capo_jax.sampling import Sampler, SampleOutput, SamplingParams, pad_prompts, sample
 from capo_jax.tokenization import check_tokenizer_fits, load_tokenizer
 from capo_jax.trust_region import TrustRegionState, trust_region_scale, trust_region_step, trust_region_transform

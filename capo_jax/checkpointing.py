@@ -63,11 +63,18 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = self.read_meta(step)
     if meta.get("fingerprint") != self.fingerprint:
       raise CheckpointMismatchError(
           f"{self.directory} holds checkpoints of a different config (fingerprint {meta.get('fingerprint')} vs this "
           f"run's {self.fingerprint}); use a new --workdir, or rerun with the config that wrote them.")
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON ``meta`` record of the latest (or given) checkpoint."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
     manager = self._ensure_manager()

@@ -26,6 +26,7 @@ Everything here is a function of explicit arrays and pytrees; the host loop (``e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -36,6 +37,7 @@ from flax import nnx
 
 from capo_jax import curvature
 from capo_jax import curvature_full
+from capo_jax.config import LossConfig
 from capo_jax.logprobs import token_logprobs, token_logprobs_from_hidden
 from capo_jax.losses import policy_loss
 
@@ -87,7 +89,7 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
     m = target_mask.astype(jnp.float32)
     return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, tokens, mask, target_mask):
     nll, grads = jax.value_and_grad(loss_fn)(params, tokens, mask, target_mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -97,20 +99,28 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """The surrogate and its extras (see ``capo_jax.policy_loss``)."""
-  method: str = "clip"
-  eps_low: float = 0.2
-  eps_high: float | None = None
-  dual_clip: float | None = None
-  aggregation: str = "seq-mean-token-mean"
-  max_completion_length: int | None = None
-  kl_coef: float = 0.0
-  kl_estimator: str = "k3"
-  entropy_coef: float = 0.0
+class Objective:
+  """The RL objective a learner step minimises: the loss choices of ``capo_jax.config.LossConfig`` plus what the
+  rollout fixes (docs/MATH.md §1).
+
+  Attributes:
+    loss: the surrogate, aggregation, clipping, KL and entropy settings.
+    completion_length: N, the completion columns of every batch row (also Dr.GRPO's normaliser).
+    temperature: the sampler's temperature (log-probs are of logits / temperature, as sampled).
+    ratio_one: one gradient step per batch: old log-probs = stop_gradient(current), ρ ≡ 1.
+    track_kl: report the KL to the reference policy even when ``loss.kl_coef`` = 0.
+  """
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  completion_length: int = 1
   temperature: float = 1.0
-  ratio_one: bool = True  # one gradient step per batch: old log-probs = stop_gradient(current), ρ ≡ 1
-  track_kl: bool = True  # report KL to the reference policy even when kl_coef = 0
+  ratio_one: bool = True
+  track_kl: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.completion_length, int) or self.completion_length < 1:
+      raise ValueError(f"completion_length must be a positive int, got {self.completion_length!r}.")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
 
 
 # token_mask_fn(hidden_bnh, unembedding_vh, targets_bn, advantages_b, completion_mask_bn, opt_state)
@@ -132,7 +142,7 @@ def completion_logits(graphdef: nnx.GraphDef, params: nnx.State, batch: Sequence
   return jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def rl_objective(logprobs_bn: jax.Array, entropy_bn: jax.Array, batch: SequenceBatch, loss_config: LossConfig,
+def rl_objective(logprobs_bn: jax.Array, entropy_bn: jax.Array, batch: SequenceBatch, objective: Objective,
                  token_mask_bn: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The RL objective of one batch as a function of its per-token log-probs and entropies: ``(loss, metrics)``.
 
@@ -141,27 +151,27 @@ def rl_objective(logprobs_bn: jax.Array, entropy_bn: jax.Array, batch: SequenceB
   (the rescale only for sequence-mean aggregations: rows dropped by dynamic sampling are zero-weight padding, so the
   loss is a mean over the real rows). ``token_mask_bn``: an extra 0/1 mask multiplied into the completion mask (the
   rejected tokens leave the loss and its normalisation). Differentiable in ``logprobs_bn`` and ``entropy_bn``;
-  ρ ≡ 1 (``loss_config.ratio_one``) uses ``stop_gradient(logprobs_bn)`` as the old log-probs.
+  ρ ≡ 1 (``objective.ratio_one``) uses ``stop_gradient(logprobs_bn)`` as the old log-probs.
   """
   sg = jax.lax.stop_gradient
   row_w = batch.row_weight_b.astype(jnp.float32)
-  old = sg(logprobs_bn) if loss_config.ratio_one else batch.old_logprobs_bn
-  use_ref = loss_config.kl_coef > 0 or loss_config.track_kl
+  cfg = objective.loss
+  old = sg(logprobs_bn) if objective.ratio_one else batch.old_logprobs_bn
+  use_ref = cfg.kl_coef > 0 or objective.track_kl
   loss, metrics = policy_loss(
       logprobs_bn, old, batch.advantages_b.astype(jnp.float32), loss_completion_mask(batch),
-      token_mask_bt=token_mask_bn, method=loss_config.method, eps_low=loss_config.eps_low,
-      eps_high=loss_config.eps_high, dual_clip=loss_config.dual_clip, aggregation=loss_config.aggregation,
-      max_completion_length=loss_config.max_completion_length,
-      ref_logprobs_bt=batch.ref_logprobs_bn if use_ref else None, kl_coef=loss_config.kl_coef,
-      kl_estimator=loss_config.kl_estimator, entropy_bt=entropy_bn, entropy_coef=loss_config.entropy_coef)
+      token_mask_bt=token_mask_bn, method=cfg.surrogate, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+      dual_clip=cfg.dual_clip, aggregation=cfg.aggregation, max_completion_length=objective.completion_length,
+      ref_logprobs_bt=batch.ref_logprobs_bn if use_ref else None, kl_coef=cfg.kl_coef,
+      kl_estimator=cfg.kl_estimator, entropy_bt=entropy_bn, entropy_coef=cfg.entropy_coef)
   # Rows dropped by dynamic sampling are zero-weight padding: sequence-mean aggregations divide by all B rows, so
   # rescale to a mean over the real rows (token-mean already normalises by kept tokens).
-  if loss_config.aggregation != "token-mean":
+  if cfg.aggregation != "token-mean":
     loss = loss * row_w.shape[0] / jnp.maximum(jnp.sum(row_w), 1.0)
   return loss, dict(metrics, loss=sg(loss))
 
 
-def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, loss_config: LossConfig, completion_length: int,
+def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, objective: Objective,
             token_mask_fn: TokenMaskFn | None = None, token_mask_bn: jax.Array | None = None):
   """The RL objective of one batch; returns ``(loss, (metrics, update_kwargs))``, differentiable in ``params``.
 
@@ -170,8 +180,8 @@ def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, loss_config: Loss
   """
   sg = jax.lax.stop_gradient
   hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
-                                         completion_length)
-  lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=loss_config.temperature)
+                                         objective.completion_length)
+  lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=objective.temperature)
   token_mask, update_kwargs, mask_metrics = None, {}, {}
   if token_mask_fn is not None:
     token_mask, update_kwargs, mask_metrics = token_mask_fn(
@@ -179,22 +189,22 @@ def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, loss_config: Loss
         sg(opt_state))
   if token_mask_bn is not None:
     token_mask = token_mask_bn if token_mask is None else token_mask * token_mask_bn
-  loss, metrics = rl_objective(lp, ent, batch, loss_config, token_mask)
+  loss, metrics = rl_objective(lp, ent, batch, objective, token_mask)
   return loss, (dict(metrics, **mask_metrics), update_kwargs)
 
 
-def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                 completion_length: int, token_mask_fn: TokenMaskFn | None = None, *, pass_batch: bool = False):
+def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
+                 token_mask_fn: TokenMaskFn | None = None, *, pass_batch: bool = False):
   """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``: one forward, one backward, one update.
 
   ``pass_batch``: also hand the batch to ``optimizer.update(..., batch=batch)`` (the curvature trust region
   linearises the model on it).
   """
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch: SequenceBatch):
     (_, (metrics, update_kwargs)), grads = jax.value_and_grad(rl_loss, has_aux=True)(
-        params, graphdef, batch, opt_state, loss_config, completion_length, token_mask_fn)
+        params, graphdef, batch, opt_state, objective, token_mask_fn)
     if pass_batch:
       update_kwargs = dict(update_kwargs, batch=batch)
     updates, opt_state = optimizer.update(grads, opt_state, params, **update_kwargs)
@@ -207,29 +217,29 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
 # ---------------------------------------------------------------------------------------------------------------
 # Full-network token mask and Theorem 5.1 subset acceptance (CAPO.md §3–§4).
 
-# Prefix of the last-layer monitor's metrics in the full-network step (the full-network statistics own the
-# unprefixed ``curvature.METRIC_KEYS``).
-LAST_LAYER_PREFIX = "last_layer_"
-# Scalars the full-network step adds besides ``curvature.METRIC_KEYS`` (and the monitor's ``last_layer_*`` keys).
+# Prefix of the full-network statistics' metrics (``curvature.METRIC_KEYS`` of the full-network m_H / m_F): the
+# unprefixed keys always mean the last-layer model's (the monitor's, in the full-network step).
+FULLNET_PREFIX = "fullnet_"
+# Scalars the full-network step adds besides its ``fullnet_*`` statistics (and the monitor's unprefixed keys).
 FULLNET_METRIC_KEYS = ("proposal_norm",)
 # Scalars the subset step adds (over the real subsets: those with at least one non-padding row).
 SUBSET_METRIC_KEYS = ("subset_accepted_fraction", "subset_num_accepted", "subset_num_subsets", "subset_m_h_min",
                       "subset_m_h_p50", "subset_m_f_p50", "subset_m_f_max")
 
 
-def _policy_forward(graphdef: nnx.GraphDef, completion_length: int, loss_config: LossConfig):
+def _policy_forward(graphdef: nnx.GraphDef, objective: Objective):
   """``params, batch -> (differentiable outputs, (entropy, hidden, unembedding, targets))`` for ``jax.vjp``.
 
   The differentiable outputs are ``(logπ, H)`` when the entropy enters the loss, else ``logπ`` alone (the entropy then
   rides along under ``stop_gradient`` for the metrics, and the pullback skips its backward pass).
   """
   sg = jax.lax.stop_gradient
-  with_entropy = bool(loss_config.entropy_coef)
+  with_entropy = bool(objective.loss.entropy_coef)
 
   def forward(params, batch: SequenceBatch):
     hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
-                                           completion_length)
-    lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=loss_config.temperature)
+                                           objective.completion_length)
+    lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=objective.temperature)
     out = (lp, ent) if with_entropy else lp
     return out, (sg(ent), sg(hidden), sg(w), targets)
 
@@ -275,8 +285,8 @@ class FullNetworkStepAux(NamedTuple):
   update_kwargs: dict[str, Any]  # extra args of ``optimizer.update`` (the monitor's capo_aux, the trust region's batch)
 
 
-def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                          completion_length: int, *, tau_fisher: float, tau_hessian: float | None,
+def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
+                          *, tau_fisher: float, tau_hessian: float | None,
                           second_order: bool = True, fisher: str = "sampled", hessian_rule: str = "symmetric",
                           monitor_fn: TokenMaskFn | None = None, pass_batch: bool = False):
   """``(params, opt_state, batch) -> (masked loss gradient, FullNetworkStepAux)``: CAPO's token mask from the
@@ -295,7 +305,7 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
   d_t per token). Δθ contains the learning rate, so τ_F/τ_H apply to it directly.
 
   Args:
-    graphdef, optimizer, loss_config, completion_length: as ``make_rl_step``.
+    graphdef, optimizer, objective: as ``make_rl_step``.
     tau_fisher: τ_F > 0.
     tau_hessian: τ_H > 0 (used only with ``second_order``).
     second_order: True: κ_t by ``jax.jvp``∘``jax.jvp``, m_H and the Hessian rule; False: one ``jax.jvp``, the Fisher
@@ -303,8 +313,8 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
     fisher: "sampled" (m_F = ½δ_t², CAPO's sampled-action Fisher) or "expected" (½ Δz_tᵀ(diag π − ππᵀ)Δz_t).
     hessian_rule: "symmetric" (every released run) or "nonsymmetric".
     monitor_fn: an optional last-layer hook (``TokenMaskFn``, e.g. a τ = ∞ ``masked_transform``): its mask is
-      discarded, its ``update_kwargs`` go to every ``optimizer.update`` and its metrics are logged with the prefix
-      ``last_layer_``.
+      discarded, its ``update_kwargs`` go to every ``optimizer.update`` and its metrics are logged under their own
+      (unprefixed) keys.
     pass_batch: also hand the batch to ``optimizer.update`` (the curvature trust region; it then scales the proposal
       too).
   """
@@ -314,7 +324,8 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
       raise ValueError("second_order=True applies the Hessian rule: pass tau_hessian (or second_order=False).")
     curvature._check_positive("tau_hessian", tau_hessian)
   tau_h = tau_hessian if second_order else None
-  forward, with_entropy = _policy_forward(graphdef, completion_length, loss_config)
+  forward, with_entropy = _policy_forward(graphdef, objective)
+  completion_length = objective.completion_length
   sg = jax.lax.stop_gradient
 
   def logits_fn(params, batch):
@@ -323,11 +334,11 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
   def grads_fn(params, opt_state, batch: SequenceBatch):
     out, pullback, (ent, hidden, w, targets) = jax.vjp(lambda p: forward(p, batch), params, has_aux=True)
 
-    def objective(out_, token_mask_bn):
+    def loss_of_outputs(out_, token_mask_bn):
       lp_, ent_ = out_ if with_entropy else (out_, ent)
-      return rl_objective(lp_, ent_, batch, loss_config, token_mask_bn)
+      return rl_objective(lp_, ent_, batch, objective, token_mask_bn)
 
-    objective_grad = jax.grad(objective, has_aux=True)
+    objective_grad = jax.grad(loss_of_outputs, has_aux=True)
     update_kwargs, monitor_metrics = _run_monitor(monitor_fn, hidden, w, targets, batch, opt_state)
     if pass_batch:
       update_kwargs = dict(update_kwargs, batch=batch)
@@ -336,33 +347,33 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
     completion = loss_completion_mask(batch)
     stats = sg(curvature_full.full_network_token_stats(
         logits_fn, params, batch, proposal, targets, batch.advantages_b.astype(jnp.float32),
-        second_order=second_order, fisher=fisher, temperature=loss_config.temperature))
+        second_order=second_order, fisher=fisher, temperature=objective.temperature))
     keep = curvature_full.full_network_token_mask(stats, completion, tau_fisher=tau_fisher, tau_hessian=tau_h,
                                                   hessian_rule=hessian_rule)
     cotangent, metrics = objective_grad(out, keep)
     grads = pullback(cotangent)[0]
-    metrics = dict(metrics, **fullnet_mask_metrics(stats, completion, tau_fisher=tau_fisher, tau_hessian=tau_h,
-                                                   hessian_rule=hessian_rule),
-                   **{LAST_LAYER_PREFIX + k: v for k, v in monitor_metrics.items()},
+    fullnet = fullnet_mask_metrics(stats, completion, tau_fisher=tau_fisher, tau_hessian=tau_h,
+                                   hessian_rule=hessian_rule)
+    metrics = dict(metrics, **{FULLNET_PREFIX + k: v for k, v in fullnet.items()}, **monitor_metrics,
                    proposal_norm=optax.tree.norm(proposal))
     return grads, FullNetworkStepAux(keep, stats, proposal, metrics, update_kwargs)
 
   return grads_fn
 
 
-def make_fullnet_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                         completion_length: int, **kwargs):
+def make_fullnet_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
+                         **kwargs):
   """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` with the full-network token mask.
 
   ``make_fullnet_rl_grads`` (same keyword arguments) then one real ``optimizer.update`` on the masked gradient.
   Metrics: ``rl_objective``'s (over the kept tokens), ``curvature.METRIC_KEYS`` of the full-network statistics
-  (``fullnet_mask_metrics``), ``proposal_norm`` = ‖Δθ‖, ``grad_norm`` / ``update_norm`` of the real step and, with a
-  monitor, its metrics as ``last_layer_<key>``. Cost: one forward, two pullbacks, two optimizer updates and one
-  ``jax.jvp`` (``jax.jvp``∘``jax.jvp`` with ``second_order``) of the ``[B, N, V]`` completion logits.
+  prefixed ``fullnet_`` (``fullnet_mask_metrics``), ``proposal_norm`` = ‖Δθ‖, ``grad_norm`` / ``update_norm`` of the
+  real step and, with a monitor, its metrics under their own keys. Cost: one forward, two pullbacks, two optimizer
+  updates and one ``jax.jvp`` (``jax.jvp``∘``jax.jvp`` with ``second_order``) of the ``[B, N, V]`` completion logits.
   """
-  grads_fn = make_fullnet_rl_grads(graphdef, optimizer, loss_config, completion_length, **kwargs)
+  grads_fn = make_fullnet_rl_grads(graphdef, optimizer, objective, **kwargs)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch: SequenceBatch):
     grads, aux = grads_fn(params, opt_state, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params, **aux.update_kwargs)
@@ -381,9 +392,9 @@ class SubsetStepAux(NamedTuple):
   update_kwargs: dict[str, Any]
 
 
-def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                         completion_length: int, *, num_subsets: int, delta_h: float = 0.0,
-                         delta_f: float | None = None, monitor_fn: TokenMaskFn | None = None):
+def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
+                         *, num_subsets: int, delta_h: float = 0.0, delta_f: float | None = None,
+                         monitor_fn: TokenMaskFn | None = None):
   """``(params, opt_state, batch) -> (mean accepted loss gradient, SubsetStepAux)``: Theorem 5.1 acceptance over
   ``num_subsets`` equal slices of the batch (rows ordered by prompt: S = prompts per step makes each subset one
   prompt's group of G completions). Pure; jit it (or use ``make_subset_rl_step``).
@@ -402,7 +413,7 @@ def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransf
   ∇L is the plain batch gradient.
 
   Args:
-    graphdef, optimizer, loss_config, completion_length: as ``make_rl_step``.
+    graphdef, optimizer, objective: as ``make_rl_step``.
     num_subsets: S; must divide the batch.
     delta_h: δ_H ≥ 0 = ω + ½Mr² (minimum predicted improvement).
     delta_f: δ_F > 0 (maximum predicted mean-token KL of a subset's step); None: no Fisher condition (δ_F = ∞).
@@ -417,27 +428,28 @@ def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransf
   if delta_f is not None and not delta_f > 0:
     raise ValueError(f"delta_f must be > 0 (the KL budget δ_F) or None (no Fisher condition), got {delta_f}.")
   delta_f_value = math.inf if delta_f is None else float(delta_f)
-  forward, _ = _policy_forward(graphdef, completion_length, loss_config)
+  forward, _ = _policy_forward(graphdef, objective)
+  completion_length = objective.completion_length
 
   def logits_fn(params, batch):
     return completion_logits(graphdef, params, batch, completion_length)
 
   def surrogate(logits_bnv, sub: SequenceBatch):
-    lp, ent = token_logprobs(logits_bnv, sub.tokens_bs[:, -completion_length:], temperature=loss_config.temperature)
-    return rl_objective(lp, ent, sub, loss_config)[0]
+    lp, ent = token_logprobs(logits_bnv, sub.tokens_bs[:, -completion_length:], temperature=objective.temperature)
+    return rl_objective(lp, ent, sub, objective)[0]
 
   def grads_fn(params, opt_state, batch: SequenceBatch):
     # A full-batch forward (no backward) for the batch's metrics and the optional last-layer monitor.
     out, (ent, hidden, w, targets) = forward(params, batch)
     lp = out[0] if isinstance(out, tuple) else out
-    _, metrics = rl_objective(lp, ent, batch, loss_config)
+    _, metrics = rl_objective(lp, ent, batch, objective)
     update_kwargs, monitor_metrics = _run_monitor(monitor_fn, hidden, w, targets, batch, opt_state)
     subsets = curvature_full.split_into_subsets(batch, num_subsets)
     mean_grads, stats = curvature_full.subset_acceptance(
         logits_fn, surrogate, params, subsets,
         lambda g: optimizer.update(g, opt_state, params, **update_kwargs)[0],
         delta_h=delta_h, delta_f=delta_f_value, completion_mask_fn=loss_completion_mask,
-        temperature=loss_config.temperature)
+        temperature=objective.temperature)
     real_s = jnp.any(subsets.row_weight_b > 0, axis=1)
     accepted_s = stats.accepted_s & real_s
     num_accepted = jnp.sum(accepted_s.astype(jnp.int32))
@@ -460,8 +472,8 @@ def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransf
   return grads_fn
 
 
-def make_subset_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                        completion_length: int, **kwargs):
+def make_subset_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
+                        **kwargs):
   """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` with Theorem 5.1 subset acceptance.
 
   ``make_subset_rl_grads`` (same keyword arguments) then one real ``optimizer.update`` on the mean accepted gradient.
@@ -471,9 +483,9 @@ def make_subset_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
   subsets; null when there is none), ``grad_norm`` / ``update_norm`` and the monitor's metrics if any. Cost per
   subset: one ``jax.linearize`` of its gradient (HVP and logit tangent) and one proposal; plus one full-batch forward.
   """
-  grads_fn = make_subset_rl_grads(graphdef, optimizer, loss_config, completion_length, **kwargs)
+  grads_fn = make_subset_rl_grads(graphdef, optimizer, objective, **kwargs)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch: SequenceBatch):
     grads, aux = grads_fn(params, opt_state, batch)
     params, opt_state, updates = update_if(jnp.any(aux.accepted_s), optimizer, grads, opt_state, params,

@@ -1,15 +1,23 @@
-"""Figures of one run from its ``metrics.jsonl`` rows (matplotlib, Agg backend: no display needed)."""
+"""Figures of one run from its ``metrics.jsonl`` rows.
+
+Drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, never through pyplot: no display is needed and the
+user's matplotlib backend is left as it is.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+  """``(figure, axes)`` like ``pyplot.subplots``, on an Agg canvas of its own (no global backend state)."""
+  fig = Figure(figsize=kwargs.pop("figsize", None))
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -30,10 +38,9 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> l
     path = os.path.join(out_dir, name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     written.append(path)
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = subplots(figsize=(6, 4))
   for key, label in (("eval_accuracy", "held-out pass@1 (sampled, avg@k)"),
                      ("eval_greedy_accuracy", "held-out greedy accuracy"), ("reward_mean", "train reward")):
     xs, ys = _series(rows, key)
@@ -45,7 +52,7 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> l
   ax.legend()
   save(fig, "accuracy.png")
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = subplots(figsize=(6, 4))
   for key in ("rejected_token_fraction", "rejected_by_fisher", "rejected_by_hessian"):
     xs, ys = _series(rows, key)
     if xs:
@@ -57,7 +64,7 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> l
     ax.legend()
   save(fig, "rejected.png")
 
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = subplots(1, 2, figsize=(10, 4))
   for ax, prefix, name in ((axes[0], "m_hessian", "m_H"), (axes[1], "m_fisher", "m_F")):
     for q in ("p50", "p90", "p99"):
       xs, ys = _series(rows, f"{prefix}_{q}")

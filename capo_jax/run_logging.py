@@ -75,6 +75,7 @@ class MetricsWriter:
     return os.path.getsize(self.path)
 
   def write(self, row: Mapping[str, Any]) -> None:
+    self._console(row)  # before JSON conversion: a NaN shows as nan, never as a missing field
     row = {k: _plain(v) for k, v in row.items()}
     self._file.write(json.dumps(row, sort_keys=True) + "\n")
     self._file.flush()
@@ -83,14 +84,21 @@ class MetricsWriter:
       for key, value in row.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
           self._tb.add_scalar(key, value, step)
-    self._console(row)
+
+  # What a user watches, in this order: (key, label, format).
+  CONSOLE_FIELDS = (("reward_mean", "reward", "{:.3f}"), ("eval_accuracy", "held-out pass@1", "{:.3f}"),
+                    ("eval_greedy_accuracy", "greedy", "{:.3f}"), ("kl", "KL(start)", "{:.2e}"),
+                    ("entropy", "entropy", "{:.3f}"), ("rejected_token_fraction", "rejected", "{:.2%}"),
+                    ("grad_norm", "grad norm", "{:.3g}"), ("step_s", "s/step", "{:.2f}"), ("eval_s", "eval s", "{:.1f}"))
 
   def _console(self, row: Mapping[str, Any]) -> None:
     parts = [f"step {row.get('step')}"]
-    for key, fmt in (("reward_mean", "reward {:.3f}"), ("eval_accuracy", "acc {:.3f}"),
-                     ("rejected_token_fraction", "rejected {:.2%}"), ("loss", "loss {:.4f}")):
-      if row.get(key) is not None:
-        parts.append(fmt.format(row[key]))
+    for key, label, fmt in self.CONSOLE_FIELDS:
+      value = row.get(key)
+      if value is None:
+        continue
+      value = float(value)
+      parts.append(f"{label} " + (fmt.format(value) if math.isfinite(value) else str(value)))
     line = "  ".join(parts)
     if self._bar is not None:
       self._bar.set_postfix_str(line, refresh=False)

@@ -21,7 +21,7 @@ Definitions (all per (method, lr), over the seeds that have a step-0 eval):
   accuracy a*: C_ref / C_method, C = the first eval's completions where the seed-mean curve reaches a* (C_ref is the
   first point where the reference reaches its own final mean, so ≤ its budget); "not reached" when the method never
   reaches a*.
-* learner overhead: median learner_s over steps ≥ 3 (after compiles) divided by GRPO's at the same lr.
+* learner overhead: median learner_s over steps > 3 (after compiles) divided by GRPO's at the same lr.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ import shlex
 import sys
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib import colormaps
 import numpy as np  # pylint: disable=wrong-import-position
 
+from capo_jax.plots import subplots  # pylint: disable=wrong-import-position
 from capo_jax.run_logging import read_metrics  # pylint: disable=wrong-import-position
 
 COLLAPSE_FRACTION = 0.5
@@ -78,13 +76,19 @@ def load_runs(root: str, *, finished_only: bool = True, skipped: list | None = N
   return dict(runs)
 
 
-def configured_steps(config_path: str) -> int | None:
-  """``TrainConfig.num_steps`` from a run's operative ``config.gin`` (None if absent)."""
+def configured_value(config_path: str, binding: str) -> str | None:
+  """The value text of ``binding`` (e.g. ``EvalConfig.temperature``) in a run's operative ``config.gin``."""
   if not os.path.exists(config_path):
     return None
   with open(config_path) as f:
-    m = re.search(r"^TrainConfig\.num_steps\s*=\s*(\d+)", f.read(), re.M)
-  return int(m.group(1)) if m else None
+    m = re.search(rf"^{re.escape(binding)}\s*=\s*(.+?)\s*$", f.read(), re.M)
+  return m.group(1) if m else None
+
+
+def configured_steps(config_path: str) -> int | None:
+  """``TrainConfig.num_steps`` from a run's operative ``config.gin`` (None if absent)."""
+  value = configured_value(config_path, "TrainConfig.num_steps")
+  return int(value) if value is not None and value.isdigit() else None
 
 
 def is_complete(rows: Sequence[dict[str, Any]], num_steps: int | None) -> bool:
@@ -228,12 +232,12 @@ def sample_efficiency(table) -> dict[str, Any]:
 # Figures.
 
 def _colors(methods):
-  cmap = plt.get_cmap("tab10")
+  cmap = colormaps["tab10"]
   return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
 def _panels(lrs, height=3.6):
-  fig, axes = plt.subplots(1, len(lrs), figsize=(4.6 * len(lrs), height), squeeze=False, sharey=True)
+  fig, axes = subplots(1, len(lrs), figsize=(4.6 * len(lrs), height), squeeze=False, sharey=True)
   return fig, axes[0]
 
 
@@ -273,7 +277,6 @@ def plot_metric(runs, key, path, *, eval_rows, ylabel, title, methods_filter=Non
   fig.tight_layout()
   if drew:  # no empty figures (e.g. rejected fractions of a sweep without a masking method)
     fig.savefig(path, dpi=110)
-  plt.close(fig)
   return drew
 
 
@@ -281,7 +284,7 @@ def plot_curvature(runs, path):
   methods = sorted({m for m, _ in runs})
   lrs = sorted({lr for _, lr in runs})
   colors = _colors(methods)
-  fig, axes = plt.subplots(2, len(lrs), figsize=(4.6 * len(lrs), 6.4), squeeze=False, sharey="row")
+  fig, axes = subplots(2, len(lrs), figsize=(4.6 * len(lrs), 6.4), squeeze=False, sharey="row")
   for j, lr in enumerate(lrs):
     for i, name in enumerate(("m_hessian", "m_fisher")):
       ax = axes[i][j]
@@ -310,7 +313,6 @@ def plot_curvature(runs, path):
                "tokens the mask kept)", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,6 +435,39 @@ def load_all(root: str, *, skipped: list | None = None):
   return dict(runs)
 
 
+def sampling_settings(root: str) -> str:
+  """The evaluation sampling of the runs under ``root``, read from their ``config.gin`` files."""
+  seen = set()
+  for r in split_roots(root):
+    for folder, _, files in os.walk(r):
+      if "config.gin" in files:
+        path = os.path.join(folder, "config.gin")
+        seen.add(tuple(configured_value(path, f"EvalConfig.{k}") for k in ("temperature", "top_p", "k")))
+  if not seen:
+    return "evaluation sampling not recorded in the runs' config.gin"
+  return "; ".join(f"T = {t}, top-p {p}, {k} samples per problem" for t, p, k in sorted(seen, key=str))
+
+
+def concurrency_note(manifest: dict) -> str:
+  """How many runs shared the machine, from the sweep commands recorded in the manifest."""
+  parallel = set()
+  for inv in manifest.get("invocations", []):
+    argv = list(inv.get("argv", []))
+    value = "1"
+    for i, a in enumerate(argv):
+      if a.startswith("--parallel="):
+        value = a.split("=", 1)[1]
+      elif a == "--parallel" and i + 1 < len(argv):
+        value = argv[i + 1]
+    parallel.add(value)
+  if not parallel:
+    return "concurrency not recorded"
+  if parallel == {"1"}:
+    return "one run at a time"
+  return (f"up to {'/'.join(sorted(parallel))} runs shared the CPU at once, so step times carry that load; "
+          "benchmarks/ measures overheads side by side")
+
+
 def write_markdown(root, out, table, eff, scaling, figures, argv, skipped=(), *, markdown="RESULTS.md",
                    figures_dir="results", title="Results: the miniature reproduction study (issue 6)",
                    make_target="reproduce-mini") -> str:
@@ -459,12 +494,11 @@ def write_markdown(root, out, table, eff, scaling, figures, argv, skipped=(), *,
     lines += [f"**Partial sweep:** {len(skipped)} run(s) had not finished and are left out of every number below: "
               + ", ".join(f"`{s}`" for s in sorted(skipped)) + ".", ""]
   lines += ["## Table", "",
-            f"Held-out sampled pass@1 (T = 0.6, top-p 0.95), mean ± SEM over seeds. Collapsed: final < "
+            f"Held-out sampled pass@1 ({sampling_settings(root)}), mean ± SEM over seeds. Collapsed: final < "
             f"{COLLAPSE_FRACTION} × start, seeds k/n. Rejected: token fraction the mask rejected (mean over steps; max "
             "over steps), mean ± SEM over seeds. Step times: medians over steps > 3, mean over seeds; overhead = "
-            "learner time / GRPO's learner time at the same lr (the CPU was shared by two concurrent runs, so times "
-            "are noisy to ~±20%). Wall = mean per-run wall time from the manifest (warm start included when the run "
-            "built it).", "",
+            f"learner time / GRPO's learner time at the same lr ({concurrency_note(manifest)}). Wall = mean per-run "
+            "wall time from the manifest (warm start included when the run built it).", "",
             "| method | lr | seeds | steps | start | peak (at completions) | final | final − start (paired) | "
             "final greedy | collapsed | rejected mean | rejected max | learner s/step | overhead vs GRPO | "
             "rollout s/step | wall s/run |",

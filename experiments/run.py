@@ -10,7 +10,9 @@ different config is refused before anything in it is touched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging as std_logging
 import os
 import signal
 import sys
@@ -20,10 +22,13 @@ from absl import flags
 from absl import logging
 import gin
 
+# transformers (tokenizers only here) warns at import that PyTorch is absent; that is expected, not a problem.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); searched also in experiments/configs.")
-_GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "Gin binding(s), e.g. TrainConfig.learning_rate=1e-4.")
+_GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "Gin binding(s), e.g. OptimizerConfig.learning_rate=1e-4.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default runs/<config>-<timestamp>).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Warm-start cache (default: a 'cache' folder beside the workdir).")
 _SIGKILL_AFTER = flags.DEFINE_integer("fault_sigkill_after_step", None,
@@ -47,20 +52,42 @@ def resolve_gin_files(names: list[str]) -> list[str]:
 
 
 def parse_config(gin_files: list[str], gin_params: list[str]):
-  """Parses gin files/bindings and builds the TrainConfig; returns ``(config, operative config text)``."""
-  from capo_jax.trainer import TrainConfig  # pylint: disable=g-import-not-at-top  (registers the configurable)
+  """Parses gin files and bindings and builds the run's config.
+
+  Returns ``(config, operative config text, fingerprint)``: the text lists every field of every sub-config; the
+  fingerprint (``capo_jax.config.config_fingerprint``) is of the explicit bindings, includes expanded.
+  """
+  from capo_jax import config as config_lib  # pylint: disable=g-import-not-at-top  (registers the configurables)
+  import capo_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (registers DatasetTask)
+  import capo_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the built-in tasks)
   if not gin_files:
     raise UsageError("no --gin_file given; e.g. --gin_file=experiments/configs/arith_capo.gin.")
   paths = resolve_gin_files(gin_files)
   gin.add_config_file_search_path(CONFIG_DIR)
   try:
-    gin.parse_config_files_and_bindings(paths, gin_params)
-    config = TrainConfig()
-  except (ValueError, TypeError, KeyError, SyntaxError) as e:
+    with _quiet_gin_includes():
+      gin.parse_config_files_and_bindings(paths, gin_params)
+    config = config_lib.TrainConfig()
+  except config_lib.ConfigError as e:
+    raise UsageError(f"bad config: {e}") from e
+  except (ValueError, TypeError, KeyError, SyntaxError, ImportError, OSError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UsageError(f"bad gin config: {first} — check the binding names against capo_jax.trainer.TrainConfig.") \
-        from e
-  return config, gin.operative_config_str()
+    raise UsageError(f"bad gin config: {first} — check the binding names against capo_jax/config.py (PolicyConfig, "
+                     "RolloutConfig, OptimizerConfig, LossConfig, CurvatureConfig, EvalConfig, ...).") from e
+  return config, gin.operative_config_str(), config_lib.config_fingerprint(gin.config_str())
+
+
+@contextlib.contextmanager
+def _quiet_gin_includes():
+  """gin logs an error for each search-path candidate of an ``include`` that does not exist before it finds the one
+  that does; those are not errors here (the include is resolved, or gin raises)."""
+  logger = std_logging.getLogger()
+  previous = logger.level
+  logger.setLevel(std_logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
 
 
 def default_workdir(gin_files: list[str]) -> str:
@@ -85,10 +112,11 @@ def main(argv) -> int:
   from capo_jax import trainer  # pylint: disable=g-import-not-at-top
   from capo_jax.checkpointing import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
   try:
-    config, config_text = parse_config(_GIN_FILE.value, _GIN_PARAM.value)
+    config, config_text, fingerprint = parse_config(_GIN_FILE.value, _GIN_PARAM.value)
     workdir = _WORKDIR.value or default_workdir(_GIN_FILE.value)
-    rows = trainer.train(config, workdir, config_text=config_text, cache_dir=_CACHE_DIR.value,
-                         after_step=_sigkill_hook(_SIGKILL_AFTER.value))
+    print(f"{trainer.describe(config)} → {workdir}", flush=True)
+    rows = trainer.train(config, workdir, config_text=config_text, fingerprint=fingerprint,
+                         cache_dir=_CACHE_DIR.value, after_step=_sigkill_hook(_SIGKILL_AFTER.value))
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -2,7 +2,7 @@
 
     python -m experiments.sweep --methods grpo,capo,trust_region --lrs 1e-4,5e-4 --seeds 0,1,2 \\
         --root runs/sweep-mini [--parallel 2] [--prompts_per_step 16 --group_size 8 --num_steps 60] \\
-        [--gin_param TrainConfig.eval_every=10 ...]
+        [--gin_param EvalConfig.every=10 ...]
 
 Every (method, lr, seed) is one ``python -m experiments.run`` subprocess with its own workdir
 ``<root>/<method>/lr<lr>/seed<seed>`` and one shared warm-start cache ``<root>/cache`` (all methods of one seed share
@@ -37,35 +37,39 @@ from capo_jax.run_logging import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The trust region's per-step budget δ on the predicted mean KL. CAPO.md §5: δ ≈ the median predicted KL of a stable
-# run. Measured once on this task (GRPO, 16×8, lr 1e-4, seed 0, δ = ∞ so nothing was scaled): median predicted KL
-# over steps 1–20 = 5.3e-4 (p10 2.3e-4, p90 1.4e-3). Overridable with --trust_region_kl.
+# The trust region's per-step budget δ on the predicted mean KL: the median predicted KL of a stable run
+# (docs/MATH.md §5). Measured once on this task (GRPO, 16×8, lr 1e-4, seed 0, δ = ∞ so nothing was scaled): median
+# predicted KL over steps 1–20 = 5.3e-4 (p10 2.3e-4, p90 1.4e-3). Overridable with --trust_region_kl.
 DEFAULT_TRUST_REGION_KL = 5e-4
+
+_TRUST_REGION = ("CurvatureConfig.step_control='trust_region'", "CurvatureConfig.max_kl={tr_kl}")
 
 # name → (gin file, extra bindings). "{tr_kl}" is replaced by --trust_region_kl.
 PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "grpo": ("arith_grpo.gin", ()),
     "drgrpo": ("arith_drgrpo.gin", ()),
     "reinforce": ("arith_reinforce.gin", ()),
-    "rloo": ("arith_grpo.gin", ("TrainConfig.algorithm='rloo'",)),
+    "rloo": ("arith_grpo.gin", ("LossConfig.advantage_estimator='rloo'", "TrainConfig.name='rloo'")),
     "capo": ("arith_capo.gin", ()),
     "drcapo": ("arith_drcapo.gin", ()),
     "reincapo": ("arith_reincapo.gin", ()),
-    # GRPO with the curvature trust region on the whole step (CAPO.md §5).
-    "trust_region": ("arith_grpo.gin", ("TrainConfig.trust_region_max_kl={tr_kl}",)),
+    # GRPO with the curvature trust region on the whole step (docs/MATH.md §5).
+    "trust_region": ("arith_grpo.gin", (*_TRUST_REGION, "TrainConfig.name='trust_region'")),
     # CAPO's last-layer mask and the trust region together.
-    "capo_trust_region": ("arith_capo.gin", ("TrainConfig.trust_region_max_kl={tr_kl}",)),
-    # CAPO's token mask (released τ) from the full-network directional model along the chain's proposal (CAPO.md §4):
-    # m_H by jvp∘jvp and both rules, or one jvp and the Fisher rule only.
-    "capo_fullnet": ("arith_capo.gin", ("TrainConfig.curvature_model='full_network'",
-                                        "TrainConfig.fullnet_second_order=True")),
-    "capo_fullnet_fisher": ("arith_capo.gin", ("TrainConfig.curvature_model='full_network'",
-                                               "TrainConfig.fullnet_second_order=False")),
-    # GRPO with Theorem 5.1 acceptance of the prompt groups (CAPO.md §3), default δ_H = 0, no KL bound.
-    "subset": ("arith_grpo.gin", ("TrainConfig.curvature_model='subset'",)),
+    "capo_trust_region": ("arith_capo.gin", (*_TRUST_REGION, "TrainConfig.name='capo_trust_region'")),
+    # CAPO's token mask (released τ) from the full-network directional model along the chain's proposal
+    # (docs/MATH.md §4): m_H by jvp∘jvp and both rules, or one jvp and the Fisher rule only.
+    "capo_fullnet": ("arith_capo.gin", ("CurvatureConfig.mode='full_network'", "CurvatureConfig.second_order=True",
+                                        "TrainConfig.name='capo_fullnet'")),
+    "capo_fullnet_fisher": ("arith_capo.gin", ("CurvatureConfig.mode='full_network'",
+                                               "CurvatureConfig.second_order=False",
+                                               "TrainConfig.name='capo_fullnet_fisher'")),
+    # GRPO with Theorem 5.1 acceptance of the prompt groups (docs/MATH.md §3), default δ_H = 0, no KL bound.
+    "subset": ("arith_grpo.gin", ("CurvatureConfig.mode='subset'", "TrainConfig.name='subset'")),
     # The same with the theorem's KL condition: a group is also refused when its own step's predicted mean KL
     # exceeds δ_F = the trust region's δ (the median predicted KL of a stable GRPO step, measured as noted above).
-    "subset_kl": ("arith_grpo.gin", ("TrainConfig.curvature_model='subset'", "TrainConfig.subset_delta_f={tr_kl}")),
+    "subset_kl": ("arith_grpo.gin", ("CurvatureConfig.mode='subset'", "CurvatureConfig.subset_delta_f={tr_kl}",
+                                     "TrainConfig.name='subset_kl'")),
 }
 
 # Fields that set the budget of completions: equal for every run of a sweep.
@@ -158,9 +162,9 @@ def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], roo
       argv = [python, "-m", "experiments.run", f"--gin_file=experiments/configs/{gin_file}",
               f"--workdir={workdir}", f"--cache_dir={cache_dir}"]
       params = list(gin_params) + [b.format(tr_kl=repr(float(trust_region_kl))) for b in bindings]
-      params += [f"TrainConfig.prompts_per_step={int(prompts_per_step)}", f"TrainConfig.group_size={int(group_size)}",
-                 f"TrainConfig.num_steps={int(num_steps)}", f"TrainConfig.learning_rate={lr!r}",
-                 f"TrainConfig.seed={int(seed)}"]
+      params += [f"RolloutConfig.prompts_per_step={int(prompts_per_step)}",
+                 f"RolloutConfig.group_size={int(group_size)}", f"TrainConfig.num_steps={int(num_steps)}",
+                 f"OptimizerConfig.learning_rate={lr!r}", f"TrainConfig.seed={int(seed)}"]
       argv += [f"--gin_param={p}" for p in params]
       runs.append((i, seed, PlannedRun(method, float(lr), int(seed), workdir, tuple(argv))))
   # Seed-interleaved: grid cell 0 of every seed, then cell 1 of every seed, ...

@@ -1,4 +1,4 @@
-"""Advantage estimators: hand-derived values, group properties, jit agreement, bad input."""
+"""Advantage estimators: hand-derived values, group properties, jit agreement, bad input, non-finite rewards."""
 
 import functools
 import math
@@ -93,3 +93,52 @@ def test_bad_input_raises_clear_errors():
     capo_jax.compute_advantages(jnp.zeros(4), 2, "ppo")
   with pytest.raises(ValueError, match="std_scope"):
     capo_jax.grpo_advantages(jnp.zeros(4), 2, std_scope="prompt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite rewards: one clear error when concrete; under jit the group gets 0 and the rest is untouched.
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo", "reinforce"])
+def test_concrete_non_finite_rewards_raise_naming_count_and_rows(estimator):
+  r = jnp.array([1.0, 0.0, jnp.nan, 1.0, 0.0, 0.0, jnp.inf, -jnp.inf])
+  with pytest.raises(ValueError, match=r"rewards hold 3 non-finite value\(s\) \(1 NaN, 1 \+inf, 1 −inf\) at rows "
+                                       r"\[2, 6, 7\] \(groups \[0, 1\] of G=4\)"):
+    capo_jax.compute_advantages(r, 4, estimator)
+  with pytest.raises(ValueError, match=r"advantages hold 1 non-finite value\(s\) \(1 NaN\) at rows \[1\]"):
+    capo_jax.batch_normalize_advantages(jnp.array([1.0, jnp.nan, 0.0]))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_jitted_group_with_non_finite_reward_gets_zero_and_others_are_unchanged(bad):
+  # Group 1 holds the bad reward; groups 0 and 2 must equal what they get on their own.
+  r = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, bad, 0.0, 1.0, 3.0, 0.0, 1.0, 1.0])
+  good = jnp.concatenate([r[:4], r[8:]])
+  for estimator, kwargs in (("grpo", {}), ("drgrpo", {}), ("rloo", {}), ("grpo", {"std_scope": "batch"}),
+                            ("grpo", {"unbiased_std": False})):
+    f = jax.jit(lambda r, e=estimator, kw=kwargs: capo_jax.compute_advantages(r, 4, e, **kw))
+    a = np.asarray(f(r))
+    assert np.all(np.isfinite(a)), (estimator, kwargs)
+    np.testing.assert_array_equal(a[4:8], 0.0)
+    expected = np.asarray(capo_jax.compute_advantages(good, 4, estimator, **kwargs))
+    np.testing.assert_allclose(np.concatenate([a[:4], a[8:]]), expected, rtol=1e-6, err_msg=f"{estimator} {kwargs}")
+  # Batch-scope std over the 8 finite rewards only (mean 0.875, unbiased var 6.875/7), by hand for group 0.
+  a = jax.jit(lambda r: capo_jax.grpo_advantages(r, 4, std_scope="batch"))(r)
+  np.testing.assert_allclose(a[:4], np.array([0.5, -0.5, -0.5, 0.5]) / (math.sqrt(6.875 / 7) + 1e-4), rtol=1e-6)
+  # REINFORCE: A = r, with the bad row's group zeroed (the row alone for G = 1).
+  np.testing.assert_array_equal(jax.jit(capo_jax.reinforce_advantages)(r), np.where(np.arange(12) == 5, 0.0, r))
+  np.testing.assert_array_equal(jax.jit(lambda r: capo_jax.reinforce_advantages(r, 4))(r),
+                                np.where((np.arange(12) // 4) == 1, 0.0, r))
+  # Batch whitening: non-finite entries are left out of the statistics and returned as 0.
+  adv = jnp.array([1.0, bad, 2.0, 3.0, 6.0])
+  w = np.asarray(jax.jit(capo_jax.batch_normalize_advantages)(adv))
+  assert w[1] == 0.0
+  np.testing.assert_allclose(w[[0, 2, 3, 4]], capo_jax.batch_normalize_advantages(adv[jnp.array([0, 2, 3, 4])]),
+                             rtol=1e-6)
+
+
+def test_jitted_all_groups_non_finite_gives_zeros_not_nan():
+  r = jnp.array([jnp.nan, 1.0, 0.0, jnp.inf])
+  for kwargs in ({}, {"std_scope": "batch"}):
+    np.testing.assert_array_equal(jax.jit(lambda r, kw=kwargs: capo_jax.grpo_advantages(r, 2, **kw))(r), np.zeros(4))
+  np.testing.assert_array_equal(jax.jit(capo_jax.batch_normalize_advantages)(jnp.full(3, jnp.nan)), np.zeros(3))

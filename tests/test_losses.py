@@ -1,4 +1,5 @@
-"""Policy losses: hand-derived surrogate/aggregation/KL values, REINFORCE equivalence at ρ = 1, bad input."""
+"""Policy losses: hand-derived surrogate/aggregation/KL values, REINFORCE equivalence at ρ = 1, bad input, and
+hardening: 0/1 mask checks, inert masked-out slots (NaN, ±inf), finite losses and gradients at log-ratios of ±1000."""
 
 import functools
 import math
@@ -226,3 +227,141 @@ def test_policy_loss_bad_input():
     capo_jax.policy_loss(lp, lp, jnp.zeros(2), jnp.ones((2, 3)), dual_clip=0.5)
   with pytest.raises(ValueError, match="unknown KL"):
     capo_jax.kl_divergence(lp, lp, estimator="k4")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input hardening: mask values, garbage in masked-out slots, extreme log-ratios.
+
+
+def test_concrete_mask_with_values_other_than_0_1_raises_one_clear_error():
+  lp = jnp.log(jnp.full((2, 3), 0.5))
+  adv = jnp.array([1.0, -1.0])
+  ones = jnp.ones((2, 3))
+  flipped = ones.at[1, 2].set(-1.0)
+  with pytest.raises(ValueError, match=r"completion_mask_bt must be a 0/1 mask, but 1 of its 6 entries .*-1\.0.* "
+                                       r"index \[1, 2\]"):
+    capo_jax.policy_loss(lp, lp, adv, flipped)
+  with pytest.raises(ValueError, match=r"token_mask_bt must be a 0/1 mask, but 2 of its 6 entries"):
+    capo_jax.policy_loss(lp, lp, adv, ones, token_mask_bt=ones.at[0, 0].set(0.5).at[1, 1].set(jnp.nan))
+  with pytest.raises(ValueError, match="mask_bt must be a 0/1 mask"):
+    capo_jax.aggregate_token_losses(lp, jnp.full((2, 3), 2))
+  with pytest.raises(ValueError, match="mask_bt must be a 0/1 mask"):
+    capo_jax.gspo_token_losses(lp, lp, adv, flipped)
+  # Boolean, int and float 0/1 masks are all accepted and mean the same thing.
+  keep = np.array([[1, 1, 0], [1, 0, 0]])
+  values = [float(capo_jax.policy_loss(lp - 0.1, lp, adv, m)[0])
+            for m in (jnp.asarray(keep, bool), jnp.asarray(keep, jnp.int32), jnp.asarray(keep, jnp.float32))]
+  assert values[0] == values[1] == values[2]
+
+
+def test_traced_mask_is_read_as_positive_entries_never_flipping_a_token():
+  # Under jit the values cannot be checked: −1 must drop the token (as 0 does), not flip the sign of its loss.
+  lp = jnp.log(jnp.array([[0.5, 0.25, 0.5]]))
+  old = lp - jnp.array([[0.1, 0.0, -0.1]])
+  adv = jnp.array([2.0])
+  f = jax.jit(lambda lp, m: capo_jax.policy_loss(lp, old, adv, m)[0])
+  dropped = f(lp, jnp.array([[1.0, 1.0, 0.0]]))
+  np.testing.assert_array_equal(f(lp, jnp.array([[1.0, 1.0, -1.0]])), dropped)
+  # Row 0: tokens with ρ = e^0.1 (≤ 1.2, unclipped) and ρ = 1 → mean of −2e^0.1 and −2.
+  np.testing.assert_allclose(dropped, -(2 * math.exp(0.1) + 2) / 2, rtol=1e-6)
+  np.testing.assert_array_equal(jax.grad(f)(lp, jnp.array([[1.0, 1.0, -1.0]])),
+                                jax.grad(f)(lp, jnp.array([[1.0, 1.0, 0.0]])))
+
+
+@pytest.mark.parametrize("method", ["clip", "gspo", "cispo"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@JIT_MODES
+def test_garbage_in_masked_slots_changes_neither_loss_metrics_nor_gradients(method, aggregation, jit):
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(11), 4)
+  lp = -jax.random.uniform(k1, (3, 5), minval=0.1, maxval=3.0)
+  old = lp + 0.3 * jax.random.normal(k2, (3, 5))
+  ref = lp + 0.3 * jax.random.normal(k3, (3, 5))
+  ent = jax.random.uniform(k4, (3, 5))
+  comp = jnp.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], jnp.float32)  # row 1: nothing kept
+  capo = jnp.array([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 1, 1]], jnp.float32)
+  kept = (comp * capo) > 0
+  adv = jnp.array([1.5, 0.7, -0.8])
+
+  def dirty(x, fill):
+    return jnp.where(kept, x, fill)
+
+  def run(lp, old, ref, ent, adv):
+    f = functools.partial(capo_jax.policy_loss, method=method, aggregation=aggregation, kl_coef=0.1,
+                          entropy_coef=0.01)
+
+    def loss_fn(lp):
+      return f(lp, old, adv, comp, token_mask_bt=capo, ref_logprobs_bt=ref, entropy_bt=ent)
+
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    return (jax.jit(vg) if jit else vg)(lp)
+
+  (clean_loss, clean_metrics), clean_grad = run(lp, old, ref, ent, adv)
+  (loss, metrics), grad = run(dirty(lp, jnp.nan), dirty(old, jnp.inf), dirty(ref, -jnp.inf), dirty(ent, jnp.nan),
+                              adv.at[1].set(jnp.nan))
+  assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_array_equal(loss, clean_loss)
+  np.testing.assert_array_equal(grad, clean_grad)
+  assert np.all(np.asarray(grad)[~np.asarray(kept)] == 0.0)
+  for key, value in clean_metrics.items():
+    np.testing.assert_array_equal(metrics[key], value, err_msg=key)
+
+
+def _extreme_cases():
+  """(method, kwargs, A, x = logπ − logπ_old, loss, dloss/dlogπ): the analytic values at |x| = 1000 and beyond."""
+  big = 1000.0
+  cases = [
+      ("clip-pos-A-huge-ratio", "clip", {}, 1.0, big, -1.2, 0.0),       # ρ ≫ 1+ε, A > 0: clipped at (1+ε)A
+      ("clip-pos-A-zero-ratio", "clip", {}, 1.0, -big, 0.0, 0.0),       # ρ = e^{−1000} = 0 (exact limit): −ρA = 0
+      ("clip-neg-A-zero-ratio", "clip", {}, -1.0, -big, 0.8, 0.0),      # ρ ≪ 1−ε, A < 0: clipped at (1−ε)A
+      ("clip-zero-A-huge-ratio", "clip", {}, 0.0, big, 0.0, 0.0),       # A = 0: inf·0 must not become NaN
+      ("dual-clip-neg-A-huge-ratio", "clip", {"dual_clip": 3.0}, -1.0, big, 3.0, 0.0),  # −ρA bounded at −cA
+      ("clip-neg-A-below-cap", "clip", {}, -1.0, 5.0, math.exp(5.0), math.exp(5.0)),  # unbounded branch, exact
+      ("clip-neg-A-capped", "clip", {}, -1.0, big, math.exp(60.0), 0.0),  # e^1000 overflows: capped at e^60·|A|
+      ("cispo-huge-ratio", "cispo", {}, 2.0, big, 0.0, -1.28 * 2.0),   # weight 1+ε_high = 1.28; ℓ = −1.28·A·logπ
+      ("cispo-zero-ratio", "cispo", {}, 2.0, -big, 0.0, 0.0),          # weight ρ = 0 (no lower bound)
+      ("gspo-huge-ratio", "gspo", {}, 1.0, big, -(1 + 4e-4), 0.0),     # sequence ratio ≫ 1+ε_high
+      ("gspo-zero-ratio", "gspo", {}, 1.0, -big, 0.0, 0.0),            # sequence ratio 0
+  ]
+  return [pytest.param(*case[1:], id=case[0]) for case in cases]
+
+
+@pytest.mark.parametrize("method,kwargs,adv,x,loss,grad", _extreme_cases())
+@JIT_MODES
+def test_extreme_log_ratios_give_finite_analytic_losses_and_gradients(method, kwargs, adv, x, loss, grad, jit):
+  # logπ = 0 for CISPO's ℓ = −w·A·logπ to be finite at the point; old = logπ − x.
+  lp = jnp.zeros((1, 1)) if x > 0 or method != "cispo" else jnp.full((1, 1), -1000.0)
+  old = lp - x
+
+  def loss_fn(lp):
+    return capo_jax.policy_loss(lp, old, jnp.array([adv]), jnp.ones((1, 1)), method=method, **kwargs)[0]
+
+  vg = jax.value_and_grad(loss_fn)
+  value, g = (jax.jit(vg) if jit else vg)(lp)
+  assert np.isfinite(float(value)) and np.isfinite(float(g[0, 0]))
+  np.testing.assert_allclose(value, loss, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g[0, 0], grad, rtol=1e-5, atol=1e-7)
+
+
+@JIT_MODES
+def test_kl_estimators_at_extreme_log_ratios(jit):
+  # x = logπ_ref − logπ = ±1000. k1 = −x, k2 = x²/2, k3 = eˣ − x − 1 (999 at x = −1000; capped at e^60 − 61 above).
+  lp = jnp.zeros((1, 2))
+  ref = jnp.array([[1000.0, -1000.0]])
+  expected = {
+      "k1": ([-1000.0, 1000.0], [1.0, 1.0]),
+      "k2": ([5e5, 5e5], [-1000.0, 1000.0]),
+      "k3": ([math.expm1(60.0) - 60.0, 999.0], [0.0, 1.0]),
+  }
+  for est, (value, grad) in expected.items():
+    f = _maybe_jit(capo_jax.kl_divergence, jit, estimator=est)
+    np.testing.assert_allclose(f(lp, ref)[0], value, rtol=1e-6, err_msg=est)
+    for i in range(2):
+      g = jax.grad(lambda lp, i=i: f(lp, ref)[0, i])(lp)
+      np.testing.assert_allclose(g[0, i], grad[i], rtol=1e-6, err_msg=f"{est} token {i}")
+  # In the full loss (k3, β = 0.1, ρ ≡ 1) the value and gradient stay finite with x = ±1000.
+  loss_fn = lambda lp: capo_jax.policy_loss(lp, jax.lax.stop_gradient(lp), jnp.array([1.0]), jnp.ones((1, 2)),
+                                            ref_logprobs_bt=ref, kl_coef=0.1)[0]
+  value, g = jax.jit(jax.value_and_grad(loss_fn))(lp)
+  # pg = −A·ρ = −1 per token; KL mean (e^60 − 61 + 999)/2; gradient −1/2 + 0.1·(0 + 1)/2 per token.
+  np.testing.assert_allclose(value, -1.0 + 0.1 * (math.expm1(60.0) - 60.0 + 999.0) / 2, rtol=1e-5)
+  np.testing.assert_allclose(g, [[-0.5, -0.5 + 0.05]], rtol=1e-5)

@@ -1,19 +1,15 @@
-"""Tests for capo_jax.rewards: boxed extraction, exact integer reward, math_verify in a worker with a timeout."""
+"""Tests for capo_jax.rewards.boxed: boxed and final-answer extraction, the exact integer reward.
 
-import os
+The math reward (normalisation, math-verify workers) is tested in test_math_reward.py.
+"""
+
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from capo_jax.rewards import (
-    MathVerifyPool,
-    extract_boxed,
-    integer_reward,
-    integer_rewards,
-    math_verify_reward,
-    math_verify_rewards,
-)
+from capo_jax.rewards import extract_boxed, extract_final_answer, integer_reward, integer_rewards
 
 
 # -- extract_boxed --------------------------------------------------------------------------------------------------
@@ -98,64 +94,39 @@ def test_integer_rewards_batch():
     integer_rewards(r"\boxed{3}", 3)
 
 
-# -- math_verify in a worker process ----------------------------------------------------------------------------------
+# -- integers past Python's int/str digit limit ---------------------------------------------------------------------
 
-def _slow_or_crashing_verify(prediction: str, gold: str) -> float:
-  """An injected check (module-level so the spawned worker can unpickle it): sleeps, crashes or compares text."""
-  if "slow" in prediction:
-    time.sleep(60.0)
-  if "crash" in prediction:
-    os._exit(3)  # Kills the worker without a Python exception.
-  if "raise" in prediction:
-    raise RuntimeError("grader bug")
-  return 1.0 if prediction == f"\\boxed{{{gold}}}" else 0.0
-
-
-@pytest.fixture(scope="module")
-def math_pool():
-  with MathVerifyPool(timeout_s=20.0) as pool:  # Generous: the CPU is shared; timeouts are tested separately.
-    yield pool
-
-
-def test_math_verify_equivalence(math_pool):
-  half = r"The answer is \boxed{\frac{1}{2}}."
-  assert math_verify_reward(half, "0.5", pool=math_pool) == 1.0
-  assert math_verify_reward(half, "1/3", pool=math_pool) == 0.0
-  rewards_b = math_verify_rewards(
-      [half, r"\boxed{0.5}", r"\boxed{2x+2}", r"\boxed{2(x+1)}", "0.5 with no box", r"\boxed{\frac{1}{2}"],
-      ["0.5", r"\frac{1}{2}", "2(x+1)", "2x+3", "0.5", "0.5"], pool=math_pool)
-  np.testing.assert_array_equal(rewards_b, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-  assert math_pool.num_timeouts == 0
+def test_integer_reward_scores_integers_longer_than_the_int_str_limit():
+  limit = sys.int_info.default_max_str_digits  # 4300: int("1" * 4301) raises ValueError.
+  digits = "9" * 10_000
+  gold = 10**10_000 - 1  # The int whose decimal digits are `digits`.
+  start = time.monotonic()
+  assert integer_reward(rf"\boxed{{{digits}}}", gold) == 1.0
+  assert integer_reward(rf"\boxed{{-{digits}}}", -gold) == 1.0
+  assert integer_reward(rf"\boxed{{+000{digits}}}", gold) == 1.0
+  assert integer_reward(rf"\boxed{{{digits}}}", gold - 1) == 0.0       # last digit differs
+  assert integer_reward(rf"\boxed{{{digits}}}", -gold) == 0.0          # sign differs
+  assert integer_reward(rf"\boxed{{{'1' * (limit + 1)}}}", 73) == 0.0  # huge prediction, small gold
+  assert integer_reward(rf"\boxed{{{'7' * 1_000_000}}}", 7) == 0.0     # a megabyte of digits
+  assert integer_reward(r"\boxed{-0}", 0) == 1.0 and integer_reward(r"\boxed{000}", 0) == 1.0
+  rewards_b = integer_rewards([rf"\boxed{{{digits}}}", r"\boxed{5}"], [gold, 5])  # the batch does not fail
+  np.testing.assert_array_equal(rewards_b, [1.0, 1.0])
+  assert time.monotonic() - start < 10.0
 
 
-def test_math_verify_reward_without_a_pool_starts_and_closes_one():
-  assert math_verify_reward(r"\boxed{\frac{1}{2}}", "0.5", timeout_s=20.0) == 1.0
+# -- extract_final_answer -------------------------------------------------------------------------------------------
 
-
-def test_timeouts_and_crashes_score_zero_without_hanging():
-  completions = [r"\boxed{1}", r"\boxed{slow}", r"\boxed{2}", r"\boxed{crash}", r"\boxed{raise}", r"\boxed{3}"]
-  golds = ["1", "x", "2", "x", "x", "3"]
-  with MathVerifyPool(timeout_s=0.5, verify_fn=_slow_or_crashing_verify, startup_timeout_s=60.0) as pool:
-    start = time.monotonic()
-    rewards_b = pool.score(completions, golds)
-    elapsed = time.monotonic() - start
-    np.testing.assert_array_equal(rewards_b, [1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
-    assert pool.num_timeouts == 2  # The sleeper and the crasher; a raising check keeps its worker.
-    assert elapsed < 30.0, elapsed  # Far below the 60 s sleep: the stuck worker was killed, not awaited.
-    # The pool stays usable after restarts.
-    np.testing.assert_array_equal(pool.score([r"\boxed{4}"], ["4"]), [1.0])
-  with pytest.raises(RuntimeError, match="closed"):
-    pool.score([r"\boxed{4}"], ["4"])
-
-
-def test_pool_bad_input():
-  with pytest.raises(ValueError, match="timeout_s"):
-    MathVerifyPool(timeout_s=0)
-  with pytest.raises(ValueError, match="fork"):
-    MathVerifyPool(mp_context="fork")
-  pool = MathVerifyPool()
-  with pytest.raises(ValueError, match="2 completions but 1 golds"):
-    pool.score(["a", "b"], ["1"])
-  with pytest.raises(TypeError, match="strings"):
-    pool.score([r"\boxed{1}"], [1])
-  pool.close()
+@pytest.mark.parametrize("text, expected", [
+    (r"so \boxed{73}", "73"),
+    ("48 + 25 = 73.\n#### 73", "73"),
+    ("#### 1,000\nthanks", "1,000"),                      # the rest of that line only
+    ("#### 1\n#### 2", "2"),                              # the last marker
+    (r"#### 5 but \boxed{6}", "6"),                       # a box beats ####
+    (r"\boxed{6} #### 5", "6"),
+    (r"#### 5 \boxed{6", None),                           # an unclosed box is not rescued by ####
+    ("####   \n", None),                                  # empty answer
+    ("The answer is 5.", None),
+    ("", None),
+])
+def test_extract_final_answer(text, expected):
+  assert extract_final_answer(text) == expected

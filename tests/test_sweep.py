@@ -29,13 +29,13 @@ def test_plan_grid_order_workdirs_and_equal_budget(tmp_path):
   assert r.argv[:4] == ("PY", "-m", "experiments.run", "--gin_file=experiments/configs/arith_grpo.gin")
   assert f"--cache_dir={os.path.join(str(tmp_path), 'cache')}" in r.argv
   params = [a.split("=", 1)[1] for a in r.argv if a.startswith("--gin_param=")]
-  assert "TrainConfig.trust_region_max_kl=0.002" in params
-  assert params[-2:] == ["TrainConfig.learning_rate=0.0005", "TrainConfig.seed=1"]
+  assert "CurvatureConfig.max_kl=0.002" in params and "CurvatureConfig.step_control='trust_region'" in params
+  assert params[-2:] == ["OptimizerConfig.learning_rate=0.0005", "TrainConfig.seed=1"]
   # Equal budget: every run binds the same prompts × group × steps.
   for run in runs:
     budget = sorted(a for a in run.argv if any(f in a for f in sweep.BUDGET_FIELDS))
-    assert budget == ["--gin_param=TrainConfig.group_size=8", "--gin_param=TrainConfig.num_steps=60",
-                      "--gin_param=TrainConfig.prompts_per_step=16"]
+    assert budget == ["--gin_param=RolloutConfig.group_size=8", "--gin_param=RolloutConfig.prompts_per_step=16",
+                      "--gin_param=TrainConfig.num_steps=60"]
   assert len({r.workdir for r in runs}) == 8
   shared = sweep.plan(["grpo"], [1e-4], [0], str(tmp_path / "b"), cache_dir=str(tmp_path / "cache"), python="PY")
   assert f"--cache_dir={tmp_path / 'cache'}" in shared[0].argv
@@ -172,7 +172,7 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
   # An unfinished run (config says 60 steps, metrics stop at step 20): left out and named.
   _write_run(root, "capo", 5e-4, 1, [0.4, 0.9, 0.9], learner_s=1.8, rejected=0.02)
   with open(os.path.join(root, "capo", "lr5e-4", "seed1", "config.gin"), "w") as f:
-    f.write("TrainConfig.algorithm = 'capo'\nTrainConfig.num_steps = 60\n")
+    f.write("TrainConfig.name = 'capo'\nTrainConfig.num_steps = 60\n")
   out = str(tmp_path / "docs")
   res = report.report(root, out, ["--root", root])
   table = {(r["method"], r["lr"]): r for r in res["table"]}
@@ -286,3 +286,19 @@ def test_manifest_keeps_concurrent_invocations(tmp_path):
   assert data["runs"]["capo/lr1e-4/seed0"]["status"] == "running"
   assert data["runs"]["capo/lr1e-4/seed0"]["command"] == "python b"
   assert sorted((i["argv"][0], i["wall_s"]) for i in data["invocations"]) == [("a", 10.0), ("b", 20.0)]
+
+
+def test_report_reads_sampling_and_concurrency_from_the_runs(tmp_path):
+  root = str(tmp_path / "sweep")
+  for seed in (0, 1):
+    _write_run(root, "grpo", 1e-4, seed, [0.4, 0.45, 0.5], learner_s=1.0)
+    with open(os.path.join(root, "grpo", "lr1e-4", f"seed{seed}", "config.gin"), "w") as f:
+      f.write("TrainConfig.num_steps = 20\nEvalConfig.temperature = 0.8\nEvalConfig.top_p = 0.9\nEvalConfig.k = 4\n")
+  with open(os.path.join(root, "manifest.json"), "w") as f:
+    json.dump({"runs": {}, "invocations": [{"argv": ["--parallel", "3"], "wall_s": 60.0}]}, f)
+  out = str(tmp_path / "docs")
+  report.report(root, out, ["--root", root])
+  md = open(os.path.join(out, "RESULTS.md")).read()
+  assert "T = 0.8, top-p 0.9, 4 samples per problem" in md and "T = 0.6" not in md
+  assert "up to 3 runs shared the CPU at once" in md and "two concurrent runs" not in md
+  assert report.concurrency_note({"invocations": [{"argv": ["--parallel=1"]}]}) == "one run at a time"

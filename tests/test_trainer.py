@@ -14,23 +14,23 @@ from capo_jax.run_logging import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = """
-TrainConfig.hidden_size = 32
-TrainConfig.intermediate_size = 64
-TrainConfig.num_layers = 1
-TrainConfig.num_heads = 2
-TrainConfig.num_kv_heads = 1
-TrainConfig.tokenizer_vocab_size = 512
-TrainConfig.warmstart_steps = 30
-TrainConfig.warmstart_batch_size = 16
+PolicyConfig.hidden_size = 32
+PolicyConfig.intermediate_size = 64
+PolicyConfig.num_layers = 1
+PolicyConfig.num_heads = 2
+PolicyConfig.num_kv_heads = 1
+ArithTask.tokenizer_vocab_size = 512
+WarmStartConfig.steps = 30
+WarmStartConfig.batch_size = 16
 TrainConfig.num_steps = 6
-TrainConfig.prompts_per_step = 4
-TrainConfig.group_size = 4
-TrainConfig.max_new_tokens = 24
-TrainConfig.eval_every = 3
-TrainConfig.eval_problems = 8
-TrainConfig.eval_k = 2
-TrainConfig.checkpoint_every = 2
-TrainConfig.learning_rate = 1e-3
+RolloutConfig.prompts_per_step = 4
+RolloutConfig.group_size = 4
+RolloutConfig.max_new_tokens = 24
+EvalConfig.every = 3
+EvalConfig.num_problems = 8
+EvalConfig.k = 2
+CheckpointConfig.every = 2
+OptimizerConfig.learning_rate = 1e-3
 """
 
 REQUIRED_TRAIN_FIELDS = (
@@ -55,8 +55,9 @@ def _in_process(gin_file, workdir, cache_dir, **kw):
   from experiments import run  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
   gin.clear_config()
-  cfg, text = run.parse_config([gin_file], [])
-  return trainer.train(cfg, str(workdir), config_text=text, cache_dir=str(cache_dir), log=lambda _: None, **kw)
+  cfg, text, fingerprint = run.parse_config([gin_file], [])
+  return trainer.train(cfg, str(workdir), config_text=text, fingerprint=fingerprint, cache_dir=str(cache_dir),
+                       log=lambda _: None, **kw)
 
 
 def _comparable(rows):
@@ -87,7 +88,7 @@ def test_tiny_loop_writes_complete_metrics_rows(tmp_path, cache_dir, algorithm):
   assert any(r["grad_norm"] > 0 for r in train_rows) == any(r["reward_std"] > 0 for r in train_rows)
   for name in ("accuracy.png", "rejected.png", "curvature.png"):
     assert os.path.getsize(tmp_path / "run" / "plots" / name) > 1000
-  assert (tmp_path / "run" / "config.gin").read_text().count("TrainConfig.algorithm") == 1
+  assert (tmp_path / "run" / "config.gin").read_text().count(f"TrainConfig.name = '{algorithm}'") == 1
   # m_H and m_F scale with A and A²: batches without reward variance must give exactly zero statistics.
   for row in train_rows:
     if row["reward_std"] == 0.0:
@@ -131,7 +132,7 @@ def test_bad_input_fails_cleanly_without_touching_the_workdir(tmp_path, cache_di
   assert missing.returncode == 2 and "gin file not found" in missing.stderr and "arith_capo.gin" in missing.stderr
   assert not (tmp_path / "w1").exists()
 
-  unknown = _run_cli(["--gin_file=arith_grpo.gin", "--gin_param=TrainConfig.learning_rat=1e-3",
+  unknown = _run_cli(["--gin_file=arith_grpo.gin", "--gin_param=OptimizerConfig.learning_rat=1e-3",
                       f"--workdir={tmp_path / 'w2'}"])
   assert unknown.returncode == 2 and "learning_rat" in unknown.stderr
   assert not (tmp_path / "w2").exists()
@@ -154,19 +155,92 @@ def test_bad_input_fails_cleanly_without_touching_the_workdir(tmp_path, cache_di
 def test_options_trust_region_minibatches_dynamic_sampling_and_kl(tmp_path, cache_dir):
   extra = """
 TrainConfig.num_steps = 2
-TrainConfig.eval_every = 2
-TrainConfig.trust_region_max_kl = 1e-6
-TrainConfig.num_iterations = 2
-TrainConfig.num_minibatches = 2
-TrainConfig.dynamic_sampling = True
-TrainConfig.kl_coef = 0.1
+EvalConfig.every = 2
+CurvatureConfig.step_control = 'trust_region'
+CurvatureConfig.max_kl = 1e-6
+OptimizerConfig.num_iterations = 2
+OptimizerConfig.num_minibatches = 2
+RolloutConfig.dynamic_sampling = True
+LossConfig.kl_coef = 0.1
 """
-  rows = _in_process(_write_gin(tmp_path, "grpo", extra), tmp_path / "run", cache_dir)
+  workdir = tmp_path / "run"
+  rows = _in_process(_write_gin(tmp_path, "grpo", extra), workdir, cache_dir)
   train_rows = [r for r in rows if "reward_mean" in r]
   assert len(train_rows) == 2
-  for row in train_rows:
+  for step, row in enumerate(train_rows, 1):
     assert row["predicted_kl"] >= 0.0 and 0.0 < row["trust_region_scale"] <= 1.0
     # Dynamic sampling keeps only groups with reward variance; the kept share is a multiple of 1/4 (4 groups).
     assert row["kept_groups"] * 4 == round(row["kept_groups"] * 4)
     if row["predicted_kl"] > 1e-6:  # the step was scaled down to the budget
       assert row["trust_region_scale"] < 1.0
+    # 2 passes × 2 minibatches = 4 optimizer updates per step.
+    assert row["optimizer_updates"] == 4 * step
+    assert row["kl"] is not None and row["kl"] >= 0.0
+  # The data position checkpointed is the number of prompts consumed.
+  from capo_jax.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
+  ckpt = Checkpointer(str(workdir / "checkpoints"), "unused")
+  assert ckpt.read_meta(2)["data_position"] == 2 * 4
+  ckpt.close()
+
+
+def test_written_config_lists_every_field_of_every_sub_config(tmp_path, cache_dir):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from capo_jax import config  # pylint: disable=import-outside-toplevel
+  _in_process(_write_gin(tmp_path, "capo", "TrainConfig.num_steps = 1"), tmp_path / "run", cache_dir)
+  text = (tmp_path / "run" / "config.gin").read_text()
+  for kind in (config.PolicyConfig, config.WarmStartConfig, config.RolloutConfig, config.OptimizerConfig,
+               config.LossConfig, config.CurvatureConfig, config.EvalConfig, config.CheckpointConfig):
+    for field in dataclasses.fields(kind):
+      assert f"{kind.__name__}.{field.name} = " in text, (kind.__name__, field.name)
+  assert "ArithTask.difficulty = 0" in text and "TrainConfig.task = @ArithTask()" in text
+
+
+NEW_TASK = r'''
+import gin, numpy as np
+from capo_jax.tasks import build_arith_tokenizer
+
+@gin.configurable
+class EchoDigitTask:
+  """Repeat a digit in a box: prompts, answers, a reward."""
+  def __init__(self, offset=0):
+    self.offset = offset
+  def _problem(self, i):
+    d = str((i + self.offset) % 10)
+    return type("P", (), dict(prompt=f"Repeat {d}.\n", answer=d, solution="\\boxed{" + d + "}"))()
+  def train_problems(self, position, count):
+    return [self._problem(position + k) for k in range(count)]
+  def eval_problems(self, count):
+    return [self._problem(10**6 + k) for k in range(count)]
+  def score(self, completions, problems):
+    return np.array([float(c.strip() == "\\boxed{" + p.answer + "}") for c, p in zip(completions, problems)],
+                    np.float32)
+  def tokenizer(self):
+    return build_arith_tokenizer(vocab_size=512)
+'''
+
+
+def test_a_new_task_trains_through_the_cli_with_a_gin_file_alone(tmp_path, cache_dir):
+  (tmp_path / "echo_task.py").write_text(NEW_TASK)
+  gin_file = tmp_path / "echo.gin"
+  gin_file.write_text(f"""include 'algorithms/grpo.gin'
+import echo_task
+TrainConfig.task = @EchoDigitTask()
+EchoDigitTask.offset = 3
+{TINY}
+TrainConfig.num_steps = 2
+EvalConfig.every = 2
+RolloutConfig.max_new_tokens = 8
+""")
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "experiments.run", f"--gin_file={gin_file}", f"--workdir={workdir}",
+                         f"--cache_dir={cache_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = read_metrics(workdir / "metrics.jsonl")
+  assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]
+  # The warm start learnt the task's own solutions, so its own reward scores the policy's completions.
+  evals = [r for r in rows if "eval_accuracy" in r]
+  assert evals[0]["eval_accuracy"] > 0.5, evals
+  assert "EchoDigitTask.offset = 3" in (workdir / "config.gin").read_text()
+  # No alarming start-up noise.
+  assert "Path not found" not in proc.stderr and "PyTorch was not found" not in proc.stderr, proc.stderr[-2000:]

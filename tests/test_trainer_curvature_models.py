@@ -1,4 +1,4 @@
-"""TrainConfig.curvature_model: the full-network token mask and Theorem 5.1 subset acceptance as learner steps.
+"""CurvatureConfig.mode: the full-network token mask and Theorem 5.1 subset acceptance as learner steps.
 
 Learner level (a 1-layer CausalLM, 4 prompt groups × 3 completions, the trainer's own optax chain): the full-network
 step's mask is ``full_network_token_mask(full_network_token_stats(...))`` along the chain's proposal and its gradient
@@ -21,19 +21,25 @@ from jax.flatten_util import ravel_pytree
 from capo_jax import curvature
 from capo_jax import curvature_full as cf
 from capo_jax import learner
-from capo_jax import trainer
+from capo_jax import components
+from capo_jax import config as cfg_lib
+from capo_jax.tasks import ArithTask
 from capo_jax.models import CausalLM, ModelConfig
 from experiments import sweep
 from tests.test_trainer import _in_process, _write_gin
 
 P, G, PROMPT, N = 4, 3, 4, 6  # prompt groups, completions per group, prompt and completion lengths
-LOSS = learner.LossConfig(aggregation="seq-mean-token-mean", max_completion_length=N)
+LOSS = learner.Objective(loss=cfg_lib.LossConfig(aggregation="seq-mean-token-mean"), completion_length=N)
 
 
 def _tree_allclose(a, b, rtol=1e-4):
   fa, fb = ravel_pytree(a)[0], ravel_pytree(b)[0]
   scale = float(jnp.max(jnp.abs(fb)))
   np.testing.assert_allclose(np.asarray(fa), np.asarray(fb), rtol=rtol, atol=rtol * scale)
+
+
+def _train_config(**kw):
+  return cfg_lib.TrainConfig(task=ArithTask(), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,11 @@ def problem():
   batch = learner.SequenceBatch(
       jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(completion), jnp.asarray(adv, jnp.float32),
       jnp.zeros((b, N)), jnp.asarray(-2.0 - rng.random((b, N)), jnp.float32), jnp.ones((b,), jnp.float32))
-  tcfg = trainer.TrainConfig(algorithm="capo", curvature_model="full_network", curvature_monitor=True, capo_top_k=8,
-                             learning_rate=3e-3, prompts_per_step=P, group_size=G, max_new_tokens=N)
-  optimizer, _ = trainer.build_optimizer(tcfg)
+  curvature = cfg_lib.CurvatureConfig.from_preset("capo", mode="full_network", monitor=True, top_k=8)
+  tcfg = _train_config(curvature=curvature,
+                       optimizer=cfg_lib.OptimizerConfig(learning_rate=3e-3),
+                       rollout=cfg_lib.RolloutConfig(prompts_per_step=P, group_size=G, max_new_tokens=N))
+  optimizer, _ = components.build_optimizer(tcfg)
   return graphdef, params, batch, optimizer, jax.jit(optimizer.update)
 
 
@@ -72,7 +80,7 @@ def _loss_grad(graphdef, params, batch, state, token_mask_bn=None):
 
 @functools.partial(jax.jit, static_argnums=0)  # one compile per batch shape (eager dispatch is slow)
 def _jit_loss_grad(graphdef, params, batch, state, token_mask_bn):
-  return jax.grad(lambda p: learner.rl_loss(p, graphdef, batch, state, LOSS, N, token_mask_bn=token_mask_bn)[0])(
+  return jax.grad(lambda p: learner.rl_loss(p, graphdef, batch, state, LOSS, token_mask_bn=token_mask_bn)[0])(
       params)
 
 
@@ -106,7 +114,7 @@ def test_fullnet_mask_and_gradient_equal_direct_computation(problem):
   assert m_f[k] < m_f[k + 1] and m_h[k] < m_h[k + 1]
   want_keep = cf.full_network_token_mask(stats, completion, tau_fisher=tau_f, tau_hessian=tau_h)
 
-  grads_fn = jax.jit(learner.make_fullnet_rl_grads(graphdef, optimizer, LOSS, N, tau_fisher=tau_f,
+  grads_fn = jax.jit(learner.make_fullnet_rl_grads(graphdef, optimizer, LOSS, tau_fisher=tau_f,
                                                    tau_hessian=tau_h))
   grads, aux = grads_fn(params, state, batch)
   _tree_allclose(aux.proposal, proposal, rtol=1e-2)  # Adam divides by √ν: tiny gradients amplify rounding
@@ -118,11 +126,14 @@ def test_fullnet_mask_and_gradient_equal_direct_computation(problem):
   unmasked_norm = optax.tree.norm(unmasked)
   assert abs(float(optax.tree.norm(grads)) - float(unmasked_norm)) > 1e-3 * float(unmasked_norm)  # the mask acted
 
-  m = aux.metrics
-  assert set(curvature.METRIC_KEYS) <= set(m) and "proposal_norm" in m
+  m = {k[len(learner.FULLNET_PREFIX):]: v for k, v in aux.metrics.items() if k.startswith(learner.FULLNET_PREFIX)}
+  assert set(curvature.METRIC_KEYS) <= set(m) and "proposal_norm" in aux.metrics
+  # The unprefixed keys belong to the last-layer model (a monitor, absent here): never the full-network statistics.
+  assert not set(curvature.METRIC_KEYS) & set(aux.metrics)
   assert float(m["rejected_fraction"]) == pytest.approx(1.0 - kept / total, abs=1e-6)
   assert 0.15 < float(m["rejected_by_fisher"]) < 0.35 and 0.15 < float(m["rejected_by_hessian"]) < 0.35
   assert float(m["m_fisher_max"]) < tau_f and abs(float(m["m_hessian_max"])) < tau_h  # quantiles of kept tokens
+  m = aux.metrics
   assert float(m["kept_tokens"]) == kept  # rl_objective's metrics are those of the masked loss
 
 
@@ -145,7 +156,7 @@ def test_subset_gradient_is_mean_of_accepted_group_gradients(problem):
   batch = batch._replace(advantages_b=adv, row_weight_b=row_w)
   state = optimizer.init(params)
   delta_h = 1e-9
-  grads_fn = jax.jit(learner.make_subset_rl_grads(graphdef, optimizer, LOSS, N, num_subsets=P, delta_h=delta_h))
+  grads_fn = jax.jit(learner.make_subset_rl_grads(graphdef, optimizer, LOSS, num_subsets=P, delta_h=delta_h))
   grads, aux = grads_fn(params, state, batch)
   np.testing.assert_array_equal(np.asarray(aux.real_s), [True, True, True, False])
   np.testing.assert_array_equal(np.asarray(aux.accepted_s), [True, True, False, False])
@@ -188,23 +199,26 @@ def test_update_if_skips_the_step_when_nothing_is_accepted():
 
 
 def test_bad_combinations_raise_clear_errors():
-  with pytest.raises(ValueError, match=r"curvature_model .*'last_layer', 'full_network', 'subset'"):
-    trainer.TrainConfig(curvature_model="fullnet")
-  with pytest.raises(ValueError, match="CAPO-family algorithm .*got algorithm='grpo'"):
-    trainer.TrainConfig(algorithm="grpo", curvature_model="full_network")
+  curv = cfg_lib.CurvatureConfig
+  with pytest.raises(cfg_lib.ConfigError, match=r"CurvatureConfig.mode must be one of .*'full_network', 'subset'"):
+    curv(mode="fullnet")
+  with pytest.raises(cfg_lib.ConfigError, match="full_network.*finite tau_fisher"):
+    curv(mode="full_network")
   for mode in ("full_network", "subset"):
     for bad in ({"num_minibatches": 2}, {"num_iterations": 2}):
-      with pytest.raises(ValueError, match="not supported yet"):
-        trainer.TrainConfig(algorithm="capo", curvature_model=mode, **bad)
-  with pytest.raises(ValueError, match="not supported yet"):
-    trainer.TrainConfig(curvature_model="subset", trust_region_max_kl=1e-3)
-  with pytest.raises(ValueError, match="subset_delta_f"):
-    trainer.TrainConfig(curvature_model="subset", subset_delta_f=0.0)
-  with pytest.raises(ValueError, match="subset_delta_h"):
-    trainer.TrainConfig(curvature_model="subset", subset_delta_h=-1.0)
-  # Allowed: subset with any algorithm; full_network with the trust region.
-  trainer.TrainConfig(algorithm="reinforce", curvature_model="subset")
-  trainer.TrainConfig(algorithm="drcapo", curvature_model="full_network", trust_region_max_kl=1e-3)
+      with pytest.raises(cfg_lib.ConfigError, match="needs one gradient step per batch"):
+        _train_config(curvature=curv.from_preset("capo", mode=mode), optimizer=cfg_lib.OptimizerConfig(**bad))
+  with pytest.raises(cfg_lib.ConfigError, match="not supported"):
+    curv(mode="subset", step_control="trust_region", max_kl=1e-3)
+  with pytest.raises(cfg_lib.ConfigError, match="needs CurvatureConfig.max_kl"):
+    curv(step_control="trust_region")
+  with pytest.raises(cfg_lib.ConfigError, match="subset_delta_f"):
+    curv(mode="subset", subset_delta_f=0.0)
+  with pytest.raises(cfg_lib.ConfigError, match="subset_delta_h"):
+    curv(mode="subset", subset_delta_h=-1.0)
+  # Allowed: subset with any estimator; full_network with the trust region.
+  _train_config(loss=cfg_lib.LossConfig(advantage_estimator="reinforce"), curvature=curv(mode="subset"))
+  _train_config(curvature=curv.from_preset("drcapo", mode="full_network", step_control="trust_region", max_kl=1e-3))
 
 
 def test_build_optimizer_drops_the_last_layer_mask_outside_last_layer_mode():
@@ -218,21 +232,22 @@ def test_build_optimizer_drops_the_last_layer_mask_outside_last_layer_mode():
                              jnp.ones((1, 4)))
     return float(aux.metrics["rejected_fraction"])
 
-  base = dict(algorithm="capo", capo_top_k=8)
-  assert rejected(trainer.build_optimizer(trainer.TrainConfig(**base))[1]) > 0.0  # the released mask
+  def built(**kw):
+    return components.build_optimizer(_train_config(curvature=cfg_lib.CurvatureConfig.from_preset("capo", **kw)))[1]
+
+  assert rejected(built(top_k=8)) > 0.0  # the released mask
   for mode in ("full_network", "subset"):
-    assert trainer.build_optimizer(trainer.TrainConfig(curvature_model=mode, **base))[1] is None
-    monitor = trainer.build_optimizer(trainer.TrainConfig(curvature_model=mode, curvature_monitor=True, **base))[1]
-    assert rejected(monitor) == 0.0  # τ = ∞: a monitor only
+    assert built(top_k=8, mode=mode) is None
+    assert rejected(built(top_k=8, mode=mode, monitor=True)) == 0.0  # τ = ∞: a monitor only
 
 
-def test_later_fields_at_default_keep_old_configs_comparable():
-  fields = {f.name: f.default for f in dataclasses.fields(trainer.TrainConfig)}
-  old = "TrainConfig.algorithm = 'capo'\nTrainConfig.seed = 0\n"
-  new = old + "".join(f"TrainConfig.{k} = {fields[k]!r}\n" for k in trainer.LATER_FIELDS)
-  assert trainer.comparable_config(new) == old
-  changed = new.replace("curvature_model = 'last_layer'", "curvature_model = 'subset'")
-  assert trainer.comparable_config(changed) != old
+def test_fingerprint_is_of_explicit_bindings_and_the_config_version(monkeypatch):
+  bindings = "include 'x.gin'\nLossConfig.advantage_estimator = 'grpo'\nOptimizerConfig.learning_rate = 1e-4\n"
+  fp = cfg_lib.config_fingerprint(bindings)
+  assert cfg_lib.config_fingerprint("# a comment\n\n" + bindings) == fp  # comments and blank lines do not count
+  assert cfg_lib.config_fingerprint(bindings.replace("1e-4", "2e-4")) != fp
+  monkeypatch.setattr(cfg_lib, "CONFIG_VERSION", cfg_lib.CONFIG_VERSION + 1)
+  assert cfg_lib.config_fingerprint(bindings) != fp  # a change of defaults' meaning refuses old runs
 
 
 def test_sweep_presets_bind_the_modes_at_equal_budget(tmp_path):
@@ -241,14 +256,14 @@ def test_sweep_presets_bind_the_modes_at_equal_budget(tmp_path):
                     python="PY")
   params = {r.method: [a.split("=", 1)[1] for a in r.argv if a.startswith("--gin_param=")] for r in runs}
   gin_file = {r.method: r.argv[3] for r in runs}
-  assert "TrainConfig.curvature_model='full_network'" in params["capo_fullnet"]
-  assert "TrainConfig.fullnet_second_order=True" in params["capo_fullnet"]
-  assert "TrainConfig.fullnet_second_order=False" in params["capo_fullnet_fisher"]
+  assert "CurvatureConfig.mode='full_network'" in params["capo_fullnet"]
+  assert "CurvatureConfig.second_order=True" in params["capo_fullnet"]
+  assert "CurvatureConfig.second_order=False" in params["capo_fullnet_fisher"]
   assert gin_file["capo_fullnet"] == gin_file["capo_fullnet_fisher"] == "--gin_file=experiments/configs/arith_capo.gin"
-  assert "TrainConfig.curvature_model='subset'" in params["subset"]
+  assert "CurvatureConfig.mode='subset'" in params["subset"]
   assert gin_file["subset"] == "--gin_file=experiments/configs/arith_grpo.gin"
   for p in params.values():
-    assert p[-5:-2] == ["TrainConfig.prompts_per_step=16", "TrainConfig.group_size=8", "TrainConfig.num_steps=60"]
+    assert p[-5:-2] == ["RolloutConfig.prompts_per_step=16", "RolloutConfig.group_size=8", "TrainConfig.num_steps=60"]
   bad = dict(sweep.PRESETS, broken=("arith_grpo.gin", ("TrainConfig.num_steps=5",)))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sweep, "PRESETS", bad)
@@ -259,12 +274,12 @@ def test_sweep_presets_bind_the_modes_at_equal_budget(tmp_path):
 # Evaluation on 4 problems × 4 samples: the rollout's shapes, so the sampler compiles once for both. The warm start
 # only has to produce a model (the runs test plumbing, not learning).
 TWO_STEPS = """
-TrainConfig.warmstart_steps = 4
+WarmStartConfig.steps = 4
 TrainConfig.num_steps = 2
-TrainConfig.eval_every = 2
-TrainConfig.checkpoint_every = 2
-TrainConfig.eval_problems = 4
-TrainConfig.eval_k = 4
+EvalConfig.every = 2
+CheckpointConfig.every = 2
+EvalConfig.num_problems = 4
+EvalConfig.k = 4
 """
 
 
@@ -277,13 +292,14 @@ def cache_dir(tmp_path_factory):
 # the learner level above) and the τ = ∞ last-layer monitor of arith_base.gin; subset with dynamic sampling and no
 # monitor (its m_* keys then stay null: the subset rule has no per-token statistics).
 @pytest.mark.parametrize("algorithm,extra,keys,absent", [
-    ("capo", "TrainConfig.curvature_model = 'full_network'\nTrainConfig.fullnet_second_order = False\n"
-     "TrainConfig.trust_region_max_kl = 1e-3",
-     ("rejected_by_fisher", "rejected_by_hessian", "m_fisher_p50", "m_fisher_p90", "m_fisher_p99", "m_fisher_max",
-      "proposal_norm", "last_layer_m_hessian_p90", "last_layer_m_fisher_p90", "predicted_kl"),
-     ("m_hessian_p50", "m_hessian_p90", "m_hessian_p99", *learner.SUBSET_METRIC_KEYS)),
-    ("grpo", "TrainConfig.curvature_model = 'subset'\nTrainConfig.dynamic_sampling = True\n"
-     "TrainConfig.curvature_monitor = False",
+    ("capo", "CurvatureConfig.mode = 'full_network'\nCurvatureConfig.second_order = False\n"
+     "CurvatureConfig.step_control = 'trust_region'\nCurvatureConfig.max_kl = 1e-3",
+     ("rejected_by_fisher", "rejected_by_hessian", "fullnet_m_fisher_p50", "fullnet_m_fisher_p90",
+      "fullnet_m_fisher_p99", "fullnet_m_fisher_max", "proposal_norm", "m_hessian_p90", "m_fisher_p90",
+      "predicted_kl"),
+     ("fullnet_m_hessian_p50", "fullnet_m_hessian_p90", "fullnet_m_hessian_p99", *learner.SUBSET_METRIC_KEYS)),
+    ("grpo", "CurvatureConfig.mode = 'subset'\nRolloutConfig.dynamic_sampling = True\n"
+     "CurvatureConfig.monitor = False",
      learner.SUBSET_METRIC_KEYS[:3], ("proposal_norm", "m_hessian_p90", "m_fisher_p90")),
 ], ids=["full_network", "subset"])
 def test_two_step_runs_write_the_metric_keys(tmp_path, cache_dir, algorithm, extra, keys, absent):
@@ -299,3 +315,17 @@ def test_two_step_runs_write_the_metric_keys(tmp_path, cache_dir, algorithm, ext
     if "subset_accepted_fraction" in row:
       assert 0.0 <= row["subset_accepted_fraction"] <= 1.0
       assert row["subset_num_subsets"] == row["kept_groups"] * 4  # dynamic sampling: padding groups are not subsets
+
+
+def test_skipped_subset_steps_log_the_learning_rate_the_optimizer_applies(tmp_path, cache_dir):
+  # δ_H = 1e9: no group is accepted, every step is skipped and the optimizer's count stays 0. The logged lr must be
+  # schedule(0) at both steps (a host-side step counter would log schedule(1) at step 2).
+  extra = ("CurvatureConfig.mode = 'subset'\nCurvatureConfig.subset_delta_h = 1e9\n"
+           "OptimizerConfig.schedule = 'cosine'\nOptimizerConfig.learning_rate = 1e-3")
+  rows = _in_process(_write_gin(tmp_path, "grpo", TWO_STEPS + extra), tmp_path / "run", cache_dir)
+  train_rows = [r for r in rows if "reward_mean" in r]
+  schedule = cfg_lib.learning_rate_schedule(cfg_lib.OptimizerConfig(learning_rate=1e-3, schedule="cosine"), 2)
+  assert float(schedule(1)) > 0.0 == float(schedule(0))
+  assert [r["optimizer_updates"] for r in train_rows] == [0, 0]
+  assert [r["lr"] for r in train_rows] == [float(schedule(0))] * 2
+  assert all(r["subset_num_accepted"] == 0.0 for r in train_rows)

@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import gin
 import numpy as np
 
 from capo_jax.rewards.boxed import integer_reward
@@ -142,20 +143,23 @@ def _question_bucket(question: str) -> int:
   return int.from_bytes(digest, "little") % _HASH_BUCKETS
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ArithTask:
-  """A deterministic family of arithmetic problems with disjoint train / held-out splits.
+  """A deterministic family of arithmetic problems with disjoint train / held-out splits (a ``capo_jax.tasks.Task``).
 
   Attributes:
     seed: selects the train stream and the order of the held-out set (the split itself does not depend on it).
     difficulty: a key of DIFFICULTIES (0 easiest … 4 hardest), or a custom `Difficulty`.
     heldout_fraction: share of the problem space reserved for evaluation, in (0, 1).
     allow_negative: whether intermediate results and answers may be negative (redrawn when not).
+    tokenizer_vocab_size: size of the subword tokenizer the task brings (``tokenizer()``).
   """
   seed: int = 0
   difficulty: int | Difficulty = 1
   heldout_fraction: float = 0.1
   allow_negative: bool = False
+  tokenizer_vocab_size: int = 1024
 
   def __post_init__(self):
     if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
@@ -167,6 +171,9 @@ class ArithTask:
                        f"{self.difficulty!r}.")
     if not 0.0 < self.heldout_fraction < 1.0:
       raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction!r}.")
+    if (not isinstance(self.tokenizer_vocab_size, (int, np.integer)) or isinstance(self.tokenizer_vocab_size, bool)
+        or self.tokenizer_vocab_size < 256):
+      raise ValueError(f"tokenizer_vocab_size must be an int ≥ 256, got {self.tokenizer_vocab_size!r}.")
 
   @property
   def spec(self) -> Difficulty:
@@ -252,3 +259,20 @@ class ArithTask:
   def reward(completion: str, problem: ArithProblem) -> float:
     """1.0 iff the completion's last `\\boxed{}` holds exactly problem.answer (see rewards.integer_reward)."""
     return integer_reward(completion, problem.answer)
+
+  # The Task interface (capo_jax.tasks.base.Task).
+
+  def eval_problems(self, count: int) -> list[ArithProblem]:
+    """The held-out set: ``heldout(count)``."""
+    return self.heldout(count)
+
+  def score(self, completions: Sequence[str], problems: Sequence[ArithProblem]) -> np.ndarray:
+    """``float32`` rewards: 1.0 iff the last `\\boxed{}` of ``completions[i]`` holds ``problems[i].answer``."""
+    if len(completions) != len(problems):
+      raise ValueError(f"score got {len(completions)} completions for {len(problems)} problems.")
+    return np.asarray([integer_reward(c, p.answer) for c, p in zip(completions, problems)], np.float32)
+
+  def tokenizer(self):
+    """The task's subword BPE tokenizer (``build_arith_tokenizer(vocab_size=tokenizer_vocab_size)``)."""
+    from capo_jax.tasks.tokenizer import build_arith_tokenizer  # pylint: disable=g-import-not-at-top
+    return build_arith_tokenizer(vocab_size=self.tokenizer_vocab_size)

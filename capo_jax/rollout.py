@@ -1,0 +1,77 @@
+"""One RL step's data: prompts → sampled completions → rewards → advantages → a learner ``SequenceBatch``.
+
+``Rollout`` holds the jitted pieces (the reference policy's log-probs take the reference parameters as an argument)
+and turns the step's problems into the fixed-shape batch the learner consumes, together with the texts, rewards and
+counts the host loop logs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capo_jax import advantages as adv_lib
+from capo_jax import learner
+from capo_jax import sequences
+from capo_jax.config import LossConfig, RolloutConfig
+from capo_jax.evaluation import decode
+from capo_jax.sampling.sampler import pad_prompts, sample
+
+
+class RolloutResult(NamedTuple):
+  batch: learner.SequenceBatch
+  rewards_b: np.ndarray  # float32 [B]
+  texts: list[str]
+  row_weight_b: np.ndarray  # float32 [B]: 0 for the rows of groups dropped by dynamic sampling
+  num_completion_tokens: int
+  seconds: float
+
+
+def keep_informative_groups(rewards_b: np.ndarray, group_size: int) -> np.ndarray:
+  """Dynamic sampling's row weights: 1 for the rows of groups whose rewards differ, 0 for constant groups."""
+  groups = np.asarray(rewards_b).reshape(-1, group_size)
+  return np.repeat((groups.max(1) > groups.min(1)).astype(np.float32), group_size)
+
+
+class Rollout:
+  """Samples ``group_size`` completions of each problem with the current policy and builds the learner batch."""
+
+  def __init__(self, graphdef: nnx.GraphDef, task: Any, tokenizer, rollout: RolloutConfig, loss: LossConfig, *,
+               track_kl: bool = True):
+    self.graphdef, self.task, self.tokenizer, self.cfg = graphdef, task, tokenizer, rollout
+    self.with_reference = loss.kl_coef > 0 or track_kl
+    n_new, temperature = rollout.max_new_tokens, rollout.temperature
+    self._reference_logprobs = jax.jit(lambda ref_params, tokens, mask: learner.completion_logprobs(
+        graphdef, ref_params, tokens, mask, n_new, temperature=temperature)[0])
+    estimator, group_size = loss.advantage_estimator, rollout.group_size
+    self._advantages = jax.jit(lambda r: adv_lib.compute_advantages(r, group_size, estimator))
+
+  def __call__(self, params, ref_params, problems: Sequence[Any], key: jax.Array) -> RolloutResult:
+    cfg, tok = self.cfg, self.tokenizer
+    t0 = time.time()
+    prompts = sequences.encode_prompts(tok, [p.prompt for p in problems])
+    p_tokens, p_mask = pad_prompts(prompts, pad_id=tok.pad_token_id, max_length=cfg.max_prompt_length)
+    out = sample(self.graphdef, params, p_tokens, p_mask, key, max_new_tokens=cfg.max_new_tokens,
+                 num_samples=cfg.group_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    texts = decode(tok, out.completion_tokens, out.completion_mask)
+    rewards = np.asarray(self.task.score(texts, [p for p in problems for _ in range(cfg.group_size)]), np.float32)
+    if rewards.shape != (len(texts),):
+      raise ValueError(f"{type(self.task).__name__}.score returned shape {rewards.shape} for {len(texts)} "
+                       "completions; it must return one float per completion.")
+    advantages = self._advantages(jnp.asarray(rewards))
+    row_weight = (keep_informative_groups(rewards, cfg.group_size) if cfg.dynamic_sampling
+                  else np.ones(len(rewards), np.float32))
+    tokens = jnp.concatenate([out.prompt_tokens, out.completion_tokens], axis=1)
+    attention = jnp.concatenate([out.prompt_mask, out.completion_mask], axis=1)
+    ref_lp = (self._reference_logprobs(ref_params, tokens, attention) if self.with_reference
+              else jnp.zeros_like(out.logprobs))
+    batch = learner.SequenceBatch(tokens, attention, out.completion_mask, advantages, out.logprobs, ref_lp,
+                                  jnp.asarray(row_weight))
+    return RolloutResult(batch, rewards, texts, row_weight, int(np.asarray(out.completion_mask).sum()),
+                         time.time() - t0)
