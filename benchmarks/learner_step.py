@@ -68,7 +68,7 @@ SIZES = {
     ),
 }
 LEARNING_RATE = 1e-4
-TAU_FISHER, TAU_HESSIAN = 1e-4, 1e-2  # the released CAPO thresholds (CAPO.md §2)
+TAU_FISHER, TAU_HESSIAN = 1e-4, 1e-2  # the released CAPO thresholds (docs/MATH.md §2.5)
 MAX_KL = 1e-3
 
 
@@ -118,7 +118,7 @@ def make_fns(graphdef, prompt: int):
     return mb["tokens"][:, prompt:]
 
   def loss_from_logprobs(logp_bt, mb, token_mask_bt=None):
-    # One gradient step per batch (CAPO.md §2, regime A): ρ ≡ 1, so old log-probs are the current ones.
+    # One gradient step per batch (the paper's aggressive regime): ρ ≡ 1, so old log-probs are the current ones.
     loss, _ = policy_loss(logp_bt, jax.lax.stop_gradient(logp_bt), mb["advantages"], mb["completion_mask"],
                           token_mask_bt=token_mask_bt)
     return loss

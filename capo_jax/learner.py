@@ -11,10 +11,10 @@ The steps share that forward:
 - ``make_rl_step``: one optimizer step of the GRPO-family surrogate. A ``token_mask_fn`` (CAPO's last-layer model)
   sees the forward's hidden states and unembedding under ``stop_gradient`` and returns a 0/1 mask that
   ``policy_loss`` multiplies into the completion mask — one forward, one backward per step.
-- ``make_fullnet_rl_step``: CAPO's token mask from the full-network directional model (``../shared/CAPO.md`` §4)
+- ``make_fullnet_rl_step``: CAPO's token mask from the full-network directional model (docs/MATH.md §4)
   along the optimizer's own proposal Δθ on the unmasked batch — one forward (``jax.vjp``), two pullbacks, one
   ``jax.jvp`` (or ``jax.jvp``∘``jax.jvp``) of the completion logits.
-- ``make_subset_rl_step``: Theorem 5.1 acceptance (CAPO.md §3) over the step's prompt groups; the optimizer steps on
+- ``make_subset_rl_step``: Theorem 5.1 acceptance (docs/MATH.md §3) over the step's prompt groups; the optimizer steps on
   the mean gradient of the accepted groups.
 
 All RL steps share one objective, ``rl_objective`` (surrogate, aggregation, row weights, KL tracking, metrics), of
@@ -215,7 +215,7 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Full-network token mask and Theorem 5.1 subset acceptance (CAPO.md §3–§4).
+# Full-network token mask and Theorem 5.1 subset acceptance (docs/MATH.md §3–§4).
 
 # Prefix of the full-network statistics' metrics (``curvature.METRIC_KEYS`` of the full-network m_H / m_F): the
 # unprefixed keys always mean the last-layer model's (the monitor's, in the full-network step).
@@ -290,7 +290,7 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
                           second_order: bool = True, fisher: str = "sampled", hessian_rule: str = "symmetric",
                           monitor_fn: TokenMaskFn | None = None, pass_batch: bool = False):
   """``(params, opt_state, batch) -> (masked loss gradient, FullNetworkStepAux)``: CAPO's token mask from the
-  full-network directional model along the optimizer's own proposal (CAPO.md §4). Pure; jit it (or use
+  full-network directional model along the optimizer's own proposal (docs/MATH.md §4). Pure; jit it (or use
   ``make_fullnet_rl_step``).
 
       (logπ, pullback) = jax.vjp(θ ↦ logπ_θ(a_t) over the completion positions)          one forward

@@ -64,6 +64,9 @@ class Rollout:
     if rewards.shape != (len(texts),):
       raise ValueError(f"{type(self.task).__name__}.score returned shape {rewards.shape} for {len(texts)} "
                        "completions; it must return one float per completion.")
+    if not np.all(np.isfinite(rewards)):
+      raise ValueError(f"{type(self.task).__name__}.score returned {int(np.sum(~np.isfinite(rewards)))} non-finite "
+                       "reward(s); a task's reward must be a finite float for every completion.")
     advantages = self._advantages(jnp.asarray(rewards))
     row_weight = (keep_informative_groups(rewards, cfg.group_size) if cfg.dynamic_sampling
                   else np.ones(len(rewards), np.float32))

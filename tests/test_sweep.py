@@ -302,3 +302,18 @@ def test_report_reads_sampling_and_concurrency_from_the_runs(tmp_path):
   assert "T = 0.8, top-p 0.9, 4 samples per problem" in md and "T = 0.6" not in md
   assert "up to 3 runs shared the CPU at once" in md and "two concurrent runs" not in md
   assert report.concurrency_note({"invocations": [{"argv": ["--parallel=1"]}]}) == "one run at a time"
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  from capo_jax.plots import plot_run  # pylint: disable=import-outside-toplevel
+  previous = matplotlib.get_backend()
+  matplotlib.use("svg")
+  try:
+    rows = [{"step": s, "completions": 8 * s, "reward_mean": 0.1 * s, "eval_accuracy": 0.2, "m_hessian_p50": 1e-6,
+             "m_fisher_p50": 1e-9, "rejected_token_fraction": 0.01} for s in range(3)]
+    written = plot_run(rows, str(tmp_path / "plots"))
+    assert len(written) == 3 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in written)
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(previous)

@@ -329,3 +329,19 @@ def test_skipped_subset_steps_log_the_learning_rate_the_optimizer_applies(tmp_pa
   assert [r["optimizer_updates"] for r in train_rows] == [0, 0]
   assert [r["lr"] for r in train_rows] == [float(schedule(0))] * 2
   assert all(r["subset_num_accepted"] == 0.0 for r in train_rows)
+
+
+def test_kl_coef_adds_its_weighted_kl_to_the_loss(problem):
+  # With token-mean aggregation the penalty is β · (masked token mean of k3) = β · the logged ``kl``.
+  graphdef, params, batch, optimizer, _ = problem
+  state = optimizer.init(params)
+
+  def loss_and_kl(kl_coef):
+    obj = learner.Objective(loss=cfg_lib.LossConfig(aggregation="token-mean", kl_coef=kl_coef), completion_length=N)
+    loss, (metrics, _) = learner.rl_loss(params, graphdef, batch, state, obj)
+    return float(loss), float(metrics["kl"])
+
+  loss0, kl = loss_and_kl(0.0)
+  loss1, _ = loss_and_kl(0.3)
+  assert kl > 1e-3  # the batch's reference log-probs differ from the policy's
+  assert loss1 - loss0 == pytest.approx(0.3 * kl, rel=1e-5)

@@ -52,7 +52,7 @@ class Difficulty(NamedTuple):
 
 # Level 0 is the embedded default: two steps over small numbers, which a 2-layer model learns to ~0.5 greedy accuracy
 # in a ~1-minute warm start on 2 CPU cores (room for RL to improve, like the paper's ~0.6 start).
-# Level 2 contains the `a + b * c` (a ∈ 10..99, b, c ∈ 2..9) family of ../shared/CAPO.md §5 among its 9 templates.
+# Level 2 contains the `a + b * c` (a ∈ 10..99, b, c ∈ 2..9) family among its 9 templates.
 DIFFICULTIES: dict[int, Difficulty] = {
     0: Difficulty(2, 2, (0, 20), (2, 9)),
     1: Difficulty(1, 1, (0, 99), (2, 12)),

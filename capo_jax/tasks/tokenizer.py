@@ -1,7 +1,7 @@
 """A small built-in byte-level BPE tokenizer for the embedded arithmetic task.
 
 Why not characters: with a ~26-symbol vocabulary CAPO's top-K truncation (K = 50) keeps every token and no token is
-rare, which hides what the curvature model does on a real LLM (../shared/CAPO.md §5). This tokenizer has ~1k tokens,
+rare, which hides what the curvature model does on a real LLM (docs/MATH.md §2.7). This tokenizer has ~1k tokens,
 of which the task text uses a few dozen; the rest (English sub-words, number words, unused bytes) form the long tail
 an LLM's softmax spreads mass over.
 
