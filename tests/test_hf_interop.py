@@ -19,7 +19,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from capo_jax.models import CausalLM, ModelConfig, load_hf, save_hf
+from capo_jax.models import CausalLM, ModelConfig, hf_name, load_hf, save_hf
 from capo_jax.tokenization import check_tokenizer_fits, load_tokenizer
 from tests.hf_fixtures import (CHAT_TEMPLATE, build_tiny_tokenizer, load_torch_model, write_tiny_hf_checkpoint,
                                write_tiny_tokenizer)
@@ -76,15 +76,44 @@ def test_logits_match_transformers_and_save_hf_round_trips(variant, tmp_path):
   np.testing.assert_allclose(logits[REAL], ref_logits[REAL], atol=1e-4, rtol=0)
   np.testing.assert_allclose(hidden[REAL], ref_hidden[REAL], atol=1e-4, rtol=0)
 
-  # save_hf → transformers (AutoConfig + AutoModelForCausalLM) → the same logits.
+  # save_hf → transformers (AutoConfig + AutoModelForCausalLM) → the same logits; the sharded variant saves shards.
   import transformers
-  out_dir = save_hf(model, tmp_path / "ours")
+  sharded = "max_shard_size" in kwargs
+  out_dir = save_hf(model, tmp_path / "ours", max_shard_bytes=20_000 if sharded else None)
   hf_config = transformers.AutoConfig.from_pretrained(str(out_dir))
   assert type(hf_config).__name__ == {"qwen2": "Qwen2Config", "llama": "LlamaConfig"}[kwargs["model_type"]]
   assert hf_config.rope_parameters["rope_theta"] == 10000.0
   saved_logits, _ = torch_forward(out_dir)
   np.testing.assert_allclose(saved_logits[REAL], logits[REAL], atol=1e-4, rtol=0)
-  assert ("lm_head.weight" in load_file(out_dir / "model.safetensors")) != cfg.tie_word_embeddings
+  if sharded:
+    shard_files = sorted(out_dir.glob("model-*-of-*.safetensors"))
+    assert len(shard_files) > 2 and not (out_dir / "model.safetensors").exists()
+    assert all(f.stat().st_size < 20_000 + 4_096 for f in shard_files)  # tensors + safetensors header
+    saved = {k: v for f in shard_files for k, v in load_file(f).items()}
+  else:
+    saved = load_file(out_dir / "model.safetensors")
+  assert ("lm_head.weight" in saved) != cfg.tie_word_embeddings
+  # Block i of every stacked parameter is HF's layer i, as written by transformers itself.
+  reference = {k: v for f in ckpt.glob("*.safetensors") for k, v in load_file(f).items()}
+  assert set(saved) == set(reference) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+  for name in saved:
+    np.testing.assert_array_equal(saved[name], reference[name], err_msg=name)
+  reloaded = load_hf(out_dir)
+  for a, b in zip(jax.tree.leaves(nnx.state(reloaded)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_hf_name_maps_block_i_of_a_stacked_parameter():
+  assert hf_name(("layers", "mlp", "up_proj", "kernel"), 3) == ("model.layers.3.mlp.up_proj.weight", True)
+  assert hf_name(("layers", "self_attn", "q_proj", "bias"), 0) == ("model.layers.0.self_attn.q_proj.bias", False)
+  assert hf_name(("embed", "embedding")) == ("model.embed_tokens.weight", False)
+  with pytest.raises(ValueError, match="pass layer=<block index>"):
+    hf_name(("layers", "mlp", "up_proj", "kernel"))
+  with pytest.raises(ValueError, match="pass layer=<block index>"):
+    hf_name(("norm", "weight"), 0)
+  with pytest.raises(ValueError, match="max_shard_bytes must be a positive int"):
+    save_hf(CausalLM(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                                 num_kv_heads=1), rngs=nnx.Rngs(0)), "/nonexistent", max_shard_bytes=0)
 
 
 def test_legacy_top_level_rope_theta_and_bfloat16_load(tmp_path):
@@ -213,24 +242,35 @@ def test_tokenizer_larger_than_embedding_is_rejected():
 
 
 def test_load_hf_places_blocks_with_given_shardings(tmp_path):
-  """On 2 (forced host) devices, kernels sharded along either axis are read block-wise from the transposed
-  memory-mapped tensors and equal an unsharded load."""
-  ckpt = write_tiny_hf_checkpoint(tmp_path / "hf", model_type="qwen2")
+  """On 2 (forced host) devices, stacked [L, in, out] kernels sharded along the layer axis (one HF tensor per device)
+  or along either matrix axis (blocks of every layer's transposed memory-mapped tensor), from a sharded checkpoint,
+  equal an unsharded load and the checkpoint's own per-layer tensors."""
+  ckpt = write_tiny_hf_checkpoint(tmp_path / "hf", model_type="qwen2", max_shard_size="20KB")
   script = textwrap.dedent(f"""
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from flax import nnx
+      from safetensors import safe_open
       from capo_jax.models import load_hf
       mesh = Mesh(np.array(jax.devices()), ("x",))
       def shardings(path):
         if path[-1] == "kernel":
-          return NamedSharding(mesh, P(None, "x") if "q_proj" in path or "up_proj" in path else P("x", None))
+          spec = {{"q_proj": P(None, None, "x"), "up_proj": P(None, None, "x"), "k_proj": P("x")}}
+          return NamedSharding(mesh, next((v for k, v in spec.items() if k in path), P(None, "x", None)))
         return NamedSharding(mesh, P("x")) if path == ("embed", "embedding") else None
       sharded, plain = load_hf({str(ckpt)!r}, shardings=shardings), load_hf({str(ckpt)!r})
-      assert len(sharded.layers[0].self_attn.q_proj.kernel[...].sharding.device_set) == 2
-      assert sharded.layers[0].mlp.down_proj.kernel[...].sharding.spec == P("x", None)
+      q = sharded.layers.self_attn.q_proj.kernel[...]
+      assert q.shape == (2, 32, 32) and len(q.sharding.device_set) == 2
+      assert sharded.layers.mlp.down_proj.kernel[...].sharding.spec == P(None, "x", None)
+      assert sharded.layers.self_attn.k_proj.kernel[...].sharding.spec == P("x")
       for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      import json, pathlib
+      folder = pathlib.Path({str(ckpt)!r})
+      files = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+      name = "model.layers.1.self_attn.q_proj.weight"
+      with safe_open(folder / files[name], framework="numpy") as f:
+        np.testing.assert_array_equal(np.asarray(q)[1], f.get_tensor(name).T)
       print("ok")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")

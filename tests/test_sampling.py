@@ -125,6 +125,23 @@ def test_greedy_temperature_zero_is_argmax_and_logprob_at_temperature():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_tiny_temperatures_give_finite_logprobs_and_the_argmax():
+  """|z| = 50 at T = 1e-37: z / T overflows float32 (5e38 > 3.4e38), yet the draw is the argmax and its log-prob is
+  log 1 = 0, in a row whose logits are all negative too; the runner-up 1 below scores -1 / T = -1e37 (finite).
+  Subnormal temperatures (below GREEDY_BELOW_TEMPERATURE) are greedy, scored at T = 1, on every backend."""
+  logits_bv = jnp.asarray([[50.0, -50.0, 10.0, 49.0], [-60.0, -10.0, -30.0, -20.0]])
+  tokens_b = lp.sample_tokens(jax.random.key(0), logits_bv, 1e-37)
+  np.testing.assert_array_equal(tokens_b, [0, 1])
+  np.testing.assert_array_equal(lp.token_logprobs_at_temperature(logits_bv, tokens_b, 1e-37), [0.0, 0.0])
+  runner_up = lp.token_logprobs_at_temperature(logits_bv, jnp.asarray([3, 3]), 1e-37)
+  np.testing.assert_allclose(runner_up, [-1e37, -1e38], rtol=1e-6)
+  assert lp.GREEDY_BELOW_TEMPERATURE == np.finfo(np.float32).tiny
+  subnormal = 1e-40
+  np.testing.assert_array_equal(lp.sample_tokens(jax.random.key(1), logits_bv, subnormal), [0, 1])
+  np.testing.assert_allclose(lp.token_logprobs_at_temperature(logits_bv, tokens_b, subnormal),
+                             lp.token_logprobs_at_temperature(logits_bv, tokens_b, 1.0), rtol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The sampler end to end on a tiny random model, against full (uncached) forwards of the same model.
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,6 +317,11 @@ def test_bad_input_raises_clear_errors():
     sample(graphdef, state, tokens, mask, key, max_new_tokens=2, stop_ids=np.zeros((2, 1)))
   with pytest.raises(ValueError, match="shorter than the longest"):
     pad_prompts(_PROMPTS, max_length=4)
+  for bad in (float("nan"), float("inf"), -0.5):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+      sample(graphdef, state, tokens, mask, key, max_new_tokens=2, temperature=bad)
+  with pytest.raises(ValueError, match="cache_dtype must be None"):
+    sample(graphdef, state, tokens, mask, key, max_new_tokens=2, cache_dtype="int8")
 
 
 def test_pad_prompts_buckets():
@@ -307,3 +329,57 @@ def test_pad_prompts_buckets():
   np.testing.assert_array_equal(tokens, [[9, 9, 1, 2], [9, 3, 4, 5]])
   np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 1, 1, 1]])
   assert [bucket_length(n, 32) for n in (1, 32, 33, 64, 65)] == [32, 32, 64, 64, 96]
+
+
+# Log-prob tolerances of half-precision decoding against the float32 model (stated in the ModelConfig docstring):
+# a bfloat16 KV cache under float32 compute rounds keys/values once (8 mantissa bits); a bfloat16 model rounds every
+# activation.
+BF16_CACHE_LOGPROB_ATOL = 0.05
+BF16_MODEL_LOGPROB_ATOL = 0.15
+
+
+def test_cache_dtype_option():
+  """At float32 parameters: cache_dtype="float32" is the default bit for bit; a bfloat16 cache (whose k/v really are
+  bfloat16) keeps the greedy and the sampled tokens and moves log-probs by less than BF16_CACHE_LOGPROB_ATOL."""
+  graphdef, state = _model_split()
+  for temperature in (0.0, 1.0):
+    default = _sample(key=3, temperature=temperature)
+    f32_cache = _sample(key=3, temperature=temperature, cache_dtype="float32")
+    bf16_cache = _sample(key=3, temperature=temperature, cache_dtype=jnp.bfloat16)
+    for x, y in zip(default, f32_cache):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(bf16_cache.completion_tokens, default.completion_tokens)
+    err = np.abs(bf16_cache.logprobs - default.logprobs).max()
+    assert 0 < err < BF16_CACHE_LOGPROB_ATOL, err
+  tokens, mask = _prompts()
+  decode_state = sampler_lib._prefill(
+      graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0), sampler_lib.SamplingParams.create(),
+      sampler_lib._stop_ids_array(None, 3, 1), jnp.asarray(0), num_samples=1, max_new_tokens=2,
+      cache_dtype="bfloat16")
+  assert decode_state.cache.k.dtype == decode_state.cache.v.dtype == jnp.bfloat16
+
+
+def test_bfloat16_model_with_bfloat16_cache_decodes_like_float32():
+  """The float32 test model cast to bfloat16 parameters and compute (cache in bfloat16 by default) greedily decodes
+  the same tokens, with float32 log-probs within BF16_MODEL_LOGPROB_ATOL."""
+  graphdef, state = _model_split()
+  bf16_cfg = nnx.merge(graphdef, state).config.replace(dtype="bfloat16", param_dtype="bfloat16")
+  bf16_graphdef, _ = nnx.split(CausalLM(bf16_cfg, rngs=nnx.Rngs(0)))
+  bf16_state = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
+  tokens, mask = _prompts()
+  out = jax.tree.map(np.asarray, sample(bf16_graphdef, bf16_state, tokens, mask, jax.random.key(0),
+                                        max_new_tokens=_MAX_NEW, num_samples=_G, temperature=0.0))
+  ref = _sample(key=0, temperature=0.0)
+  np.testing.assert_array_equal(out.completion_tokens, ref.completion_tokens)
+  assert out.logprobs.dtype == np.float32
+  err = np.abs(out.logprobs - ref.logprobs).max()
+  assert 0 < err < BF16_MODEL_LOGPROB_ATOL, err
+
+
+def test_tiny_temperature_through_the_sampler_is_the_greedy_path_with_finite_logprobs():
+  """T = 1e-37 samples (it is above GREEDY_BELOW_TEMPERATURE) yet draws the greedy tokens, each with the finite
+  log-prob log 1 = 0, through prefill, cache repeat and decode."""
+  greedy = _sample(key=2, temperature=0.0)
+  tiny = _sample(key=2, temperature=1e-37)
+  np.testing.assert_array_equal(tiny.completion_tokens, greedy.completion_tokens)
+  np.testing.assert_array_equal(tiny.logprobs, np.zeros_like(tiny.logprobs))

@@ -4,12 +4,13 @@
 helpers (capo_jax.tokenization) and never by the checkpoint code, which reads/writes safetensors directly.
 """
 
-from capo_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from capo_jax.models.config import REMAT_POLICIES, SUPPORTED_MODEL_TYPES, ModelConfig
 from capo_jax.models.decoder import (CausalLM, CausalLMOutput, KVCache, apply, apply_rope, init_cache, rms_norm,
                                      rope_cos_sin)
 from capo_jax.models.hf import hf_name, load_hf, save_hf
 
 __all__ = [
+    "REMAT_POLICIES",
     "SUPPORTED_MODEL_TYPES",
     "CausalLM",
     "CausalLMOutput",

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 _DTYPES = ("float32", "bfloat16", "float16")
+# Names of the `jax.checkpoint` policies `ModelConfig.remat` accepts (mapped in capo_jax.models.decoder).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 _HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -33,9 +35,17 @@ class ModelConfig:
     attention_bias: bias on the q/k/v projections (Qwen2: True; Llama: `attention_bias`).
     attention_out_bias: bias on the output projection (Qwen2: False; Llama: equal to `attention_bias`).
     mlp_bias: bias on the gate/up/down projections (Llama `mlp_bias`; Qwen2: False).
-    dtype: compute dtype of activations ("float32" | "bfloat16" | "float16"); logits are always float32.
+    dtype: compute dtype of activations ("float32" | "bfloat16" | "float16"). RMSNorm, RoPE and the attention softmax
+      run in float32 whatever it is, and logits are always float32 (the unembedding matmul accumulates in float32).
+      bfloat16 keeps 8 mantissa bits (~0.4% per rounding), so expect agreement with float32 to that order, not
+      bitwise: with dtype = param_dtype = "bfloat16" the tested tolerance is 0.1 absolute on logits of scale ~1 and
+      5% relative L2 error on each parameter's gradient (tests/test_model.py), the KV cache of the sampler 0.05 on
+      log-probs (tests/test_sampling.py).
     param_dtype: storage dtype of parameters.
-    remat: rematerialise each decoder block in the backward pass (`nnx.remat`).
+    remat: what the backward pass keeps of each (scanned) decoder block, as a `jax.checkpoint` policy: "none" (no
+      checkpoint: keep every intermediate), "full" (keep only the block's input, recompute the rest), "dots_saveable"
+      (keep matmul outputs), "dots_with_no_batch_dims_saveable" (keep the weight matmuls, recompute attention). Values
+      and gradients are the same for every policy; memory and recompute differ. True/False mean "full"/"none".
     model_type: "qwen2" or "llama"; decides the HF names and `architectures` written by `save_hf`.
     initializer_range: std of the normal init of random weights.
     max_position_embeddings: the context length the checkpoint was trained for (metadata; RoPE does not need it).
@@ -58,7 +68,7 @@ class ModelConfig:
   mlp_bias: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
   model_type: str = "qwen2"
   initializer_range: float = 0.02
   max_position_embeddings: int = 32768
@@ -77,6 +87,10 @@ class ModelConfig:
                        f"({self.num_heads}); set head_dim explicitly.")
     if self.resolved_head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.resolved_head_dim}.")
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}.")

@@ -6,18 +6,27 @@ Block (pre-norm, as in HF `Qwen2DecoderLayer` / `LlamaDecoderLayer`):
     out = h + down_proj(silu(gate_proj(n₂(h))) ⊙ up_proj(n₂(h)))
     nᵢ(x) = wᵢ ⊙ x / sqrt(mean(x²) + ε)                                  (RMSNorm, computed in float32)
 
-with grouped-query attention (N query heads share K key/value heads) through `jax.nn.dot_product_attention`, RoPE in
-the HF "rotate-half" layout, and a final RMSNorm whose output (the "hidden states") multiplies the unembedding:
-logits = hidden @ Wᵀ, W = `lm_head.weight` [V,H] or, when tied, the embedding table.
+with grouped-query attention (N query heads share K key/value heads; `jax.nn.dot_product_attention` takes K < N
+natively, softmax in float32) for prefill, training and single-token decode alike, RoPE in the HF "rotate-half"
+layout, and a final RMSNorm whose output (the "hidden states") multiplies the unembedding: logits = hidden @ Wᵀ in
+float32, W = `lm_head.weight` [V,H] or, when tied, the embedding table.
 
 Padding: batches are left-padded; `attention_mask_bt` marks real tokens. A query attends to the real keys at or
 before it (and to itself, so rows of pads never see an empty softmax). Positions default to cumsum(mask) - 1, so the
 first real token of every row has position 0 as in HF.
 
+Layers: the L decoder blocks are one `DecoderLayer` whose parameters carry a leading [L] axis (block i at index i),
+applied by one `nnx.scan`, so the traced and compiled program holds a single block body whatever L is. The scanned
+body is rematerialised in the backward pass according to `ModelConfig.remat` (a `jax.checkpoint` policy). The scans
+run in NNX's tree mode (`graph=False`), which accepts a model merged outside the enclosing JAX transform (the
+sampler merges once, outside its `lax.while_loop`).
+
 KV cache: a plain pytree (`KVCache`) with k/v of shape [L,B,S,K,D], per-slot validity [B,S] and one scalar write
 index shared by the batch (left padding keeps rows aligned). A call with a cache writes its T new keys/values at
 slots [index, index+T), attends over all S slots with the causal + validity mask, and returns the cache with
-index += T. The caller must keep index + T ≤ S (a larger write is clamped by XLA, not reported).
+index += T. The stacked k/v ride in the scan's carry and each block writes its [B,T,K,D] slice in place. A write past
+the last slot (index + T > S) raises a ValueError when T > S or the index is concrete; under jit, where the index is
+traced, the hidden states and logits of that call come back NaN instead of silently wrong.
 """
 
 from __future__ import annotations
@@ -167,8 +176,51 @@ class DecoderLayer(nnx.Module):
     return h_bth + self.mlp(self.post_attention_layernorm(h_bth)), kv
 
 
-def _layer_without_cache(layer, x_bth, cos_btf, sin_btf, mask_b1ts):
-  return layer(x_bth, cos_btf, sin_btf, mask_b1ts)[0]
+# ModelConfig.remat → `jax.checkpoint` policy of the scanned block (None: no checkpoint at all).
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+  """One `DecoderLayer` holding all L blocks: every parameter gets a leading [L] axis, block i at index i.
+
+  The blocks are initialised one after another from the same `rngs` stream and then stacked, so a seed gives the same
+  weights as L separately built blocks (random-init runs and tests keep their numbers).
+  """
+  layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+  graphdef, _ = nnx.split(layers[0])
+  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers]))
+
+
+def _scan_layers(layers: DecoderLayer, x_bth, cos_btf, sin_btf, mask_b1ts, remat: str):
+  """x ← block_l(x) for l = 0..L-1 through one `nnx.scan` (no cache), the body checkpointed per `remat`."""
+
+  def body(x_bth, layer):
+    return layer(x_bth, cos_btf, sin_btf, mask_b1ts)[0]
+
+  policy = _REMAT_POLICIES[remat]
+  if remat != "none":
+    # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
+    body = nnx.remat(body, policy=policy, prevent_cse=False, graph=False)
+  return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False)(x_bth, layers)
+
+
+def _scan_layers_with_cache(layers: DecoderLayer, x_bth, cos_btf, sin_btf, mask_b1ts, k_cache, v_cache, index):
+  """Like `_scan_layers`, with the stacked [L,B,S,K,D] caches carried: block l writes its keys/values at
+  [l, :, index:index+T] (in place) and attends over its S slots. Returns (x, k_cache, v_cache)."""
+
+  def body(carry, layer, layer_index):
+    x_bth, k_cache, v_cache = carry
+    x_bth, (k_cache, v_cache, _, _) = layer(x_bth, cos_btf, sin_btf, mask_b1ts, (k_cache, v_cache, layer_index, index))
+    return x_bth, k_cache, v_cache
+
+  num_layers = k_cache.shape[0]  # = L, checked against the config by the caller
+  return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, graph=False)(
+      (x_bth, k_cache, v_cache), layers, jnp.arange(num_layers, dtype=jnp.int32))
 
 
 class Unembedding(nnx.Module):
@@ -182,9 +234,9 @@ class Unembedding(nnx.Module):
 class CausalLM(nnx.Module):
   """Decoder-only LM. See the module docstring for the math; `__call__` for the calling contract.
 
-  Parameter paths: embed/embedding [V,H]; layers/<i>/{input_layernorm,post_attention_layernorm}/weight [H];
-  layers/<i>/self_attn/{q,k,v,o}_proj/{kernel [in,out], bias}; layers/<i>/mlp/{gate,up,down}_proj/kernel;
-  norm/weight [H]; lm_head/weight [V,H] (untied only).
+  Parameter paths (the layers' stacked over a leading [L] axis, block i at index i): embed/embedding [V,H];
+  layers/{input_layernorm,post_attention_layernorm}/weight [L,H]; layers/self_attn/{q,k,v,o}_proj/{kernel [L,in,out],
+  bias [L,out]}; layers/mlp/{gate,up,down}_proj/kernel [L,in,out]; norm/weight [H]; lm_head/weight [V,H] (untied only).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -192,7 +244,7 @@ class CausalLM(nnx.Module):
     self.embed = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
         embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = _stacked_layers(cfg, rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.storage_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = Unembedding(cfg, rngs=rngs)
@@ -221,6 +273,9 @@ class CausalLM(nnx.Module):
 
     Returns:
       CausalLMOutput(logits [B,T,V] float32 | None, hidden [B,T,H] compute dtype, cache with index += T | None).
+
+    Raises:
+      ValueError: the T new tokens do not fit in the cache's free slots (T > S, or a concrete index + T > S).
     """
     cfg = self.config
     chex.assert_rank(tokens_bt, 2)
@@ -243,6 +298,9 @@ class CausalLM(nnx.Module):
       num_slots = t
     else:
       chex.assert_shape(cache.valid, (b, None))
+      chex.assert_shape([cache.k, cache.v], (cfg.num_layers, b, cache.valid.shape[1], cfg.num_kv_heads,
+                                             cfg.resolved_head_dim))
+      _check_cache_room(cache, t)
       query_slot_t = cache.index + jnp.arange(t)
       key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
       num_slots = cache.valid.shape[1]
@@ -254,23 +312,36 @@ class CausalLM(nnx.Module):
     cos_btf, sin_btf = rope_cos_sin(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
     x_bth = self.embed(tokens_bt)
     if cache is None:
-      layer_fn = nnx.remat(_layer_without_cache) if cfg.remat else _layer_without_cache
-      for layer in self.layers:
-        x_bth = layer_fn(layer, x_bth, cos_btf, sin_btf, allowed_b1ts)
+      x_bth = _scan_layers(self.layers, x_bth, cos_btf, sin_btf, allowed_b1ts, cfg.remat)
       new_cache = None
     else:
-      k_cache, v_cache = cache.k, cache.v
-      for i, layer in enumerate(self.layers):
-        x_bth, (k_cache, v_cache, _, _) = layer(
-            x_bth, cos_btf, sin_btf, allowed_b1ts, (k_cache, v_cache, i, cache.index))
+      x_bth, k_cache, v_cache = _scan_layers_with_cache(
+          self.layers, x_bth, cos_btf, sin_btf, allowed_b1ts, cache.k, cache.v, cache.index)
       new_cache = KVCache(k=k_cache, v=v_cache, valid=key_valid_bs, index=cache.index + t)
 
     hidden_bth = self.norm(x_bth)
+    if cache is not None:
+      # A traced index past the free slots cannot raise; poison the output so the overflow is seen, not wrong logits.
+      overflow = cache.index + t > cache.valid.shape[1]
+      hidden_bth = jnp.where(overflow, jnp.asarray(jnp.nan, hidden_bth.dtype), hidden_bth)
     logits_btv = None
     if return_logits:
       logits_btv = jnp.einsum('bth,vh->btv', hidden_bth, self.unembedding().astype(hidden_bth.dtype),
                               preferred_element_type=jnp.float32)
     return CausalLMOutput(logits=logits_btv, hidden=hidden_bth, cache=new_cache)
+
+
+def _check_cache_room(cache: KVCache, num_new: int) -> None:
+  """Raises when `num_new` tokens certainly do not fit in the free slots of `cache` (shapes, or a concrete index)."""
+  num_slots = cache.valid.shape[1]
+  if num_new > num_slots:
+    raise ValueError(f"KV cache overflow: {num_new} new tokens do not fit in a cache of {num_slots} slots; build the "
+                     "cache with init_cache(..., max_length >= prompt length + new tokens).")
+  if not isinstance(cache.index, jax.core.Tracer):
+    index = int(cache.index)
+    if index + num_new > num_slots:
+      raise ValueError(f"KV cache overflow: {index} of {num_slots} slots are filled and {num_new} new tokens do not "
+                       "fit; build the cache with init_cache(..., max_length >= prompt length + new tokens).")
 
 
 def apply(graphdef: nnx.GraphDef, state: nnx.State, tokens_bt, positions_bt=None, attention_mask_bt=None,

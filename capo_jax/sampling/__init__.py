@@ -1,6 +1,7 @@
 """Rollout sampling: logits processing (temperature, top-k, top-p) and the jitted KV-cache sampler."""
 
 from capo_jax.sampling.logits_processing import (
+    GREEDY_BELOW_TEMPERATURE,
     process_logits,
     sample_tokens,
     scale_logits,
@@ -16,6 +17,7 @@ from capo_jax.sampling.sampler import (
 )
 
 __all__ = [
+    "GREEDY_BELOW_TEMPERATURE",
     "SampleOutput",
     "Sampler",
     "SamplingParams",

@@ -12,29 +12,46 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Masked logits are -inf so that softmax gives them exactly zero mass and categorical never draws them.
 _NEG_INF = -jnp.inf
+# Temperatures below the smallest normal float32 (~1.2e-38) are greedy, like 0: backends that flush subnormals to zero
+# would otherwise disagree on whether such a temperature samples.
+GREEDY_BELOW_TEMPERATURE = float(np.finfo(np.float32).tiny)
+
+
+def _samples(temperature: chex.Numeric) -> jax.Array:
+  """Whether ``temperature`` samples (``T >= GREEDY_BELOW_TEMPERATURE``) rather than taking the argmax."""
+  return jnp.asarray(temperature, jnp.float32) >= GREEDY_BELOW_TEMPERATURE
 
 
 def _safe_temperature(temperature: chex.Numeric) -> jax.Array:
-  """Temperature used for scaling: the given value when > 0, else 1 (temperature 0 means greedy, handled apart)."""
-  temperature = jnp.asarray(temperature, jnp.float32)
-  return jnp.where(temperature > 0.0, temperature, 1.0)
+  """Temperature used for scaling: the given value when it samples, else 1 (greedy is handled apart)."""
+  return jnp.where(_samples(temperature), jnp.asarray(temperature, jnp.float32), 1.0)
 
 
 def scale_logits(logits_bv: chex.Array, temperature: chex.Numeric) -> jax.Array:
-  """Temperature scaling in f32: ``z / T`` for ``T > 0``; ``z`` unchanged for ``T <= 0`` (greedy uses the argmax).
+  """Temperature scaling in f32: ``(z - max_v z) / T`` when ``T`` samples; ``z - max_v z`` when it is greedy
+  (``T < GREEDY_BELOW_TEMPERATURE``, i.e. ``T = 0`` or below the smallest normal float32).
+
+  The per-row shift by the largest logit changes neither the softmax nor the order, and keeps every scaled entry
+  ``<= 0``: however small a sampling ``T`` is, the largest entry stays 0 and the others at worst become ``-inf`` (zero
+  probability), so log-probs of drawable tokens stay finite where ``z / T`` alone would overflow to ``±inf``
+  (e.g. ``|z| = 50`` at ``T = 1e-37``).
 
   Args:
     logits_bv: ``[B, V]`` logits (any float dtype; computed in f32).
     temperature: scalar, traced.
 
   Returns:
-    ``[B, V]`` float32 scaled logits.
+    ``[B, V]`` float32 scaled logits, row maximum 0 (for rows with a finite maximum).
   """
   chex.assert_rank(logits_bv, 2)
-  return logits_bv.astype(jnp.float32) / _safe_temperature(temperature)
+  logits_bv = logits_bv.astype(jnp.float32)
+  max_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+  shift_b1 = jax.lax.stop_gradient(jnp.where(jnp.isfinite(max_b1), max_b1, 0.0))
+  return (logits_bv - shift_b1) / _safe_temperature(temperature)
 
 
 def _filter_sorted(scaled_bv: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -67,7 +84,8 @@ def process_logits(
 ) -> jax.Array:
   """Temperature-scaled, top-k/top-p-truncated logits; truncated entries are ``-inf``.
 
-  With ``z`` the logits and ``T`` the temperature, ``s = z / T``. Let ``σ`` sort ``s`` descending.
+  With ``z`` the logits and ``T`` the temperature, ``s = (z - max z) / T`` (:func:`scale_logits`; the shift leaves
+  the softmax unchanged and keeps tiny temperatures from overflowing). Let ``σ`` sort ``s`` descending.
 
   * top-k (``k > 0``): keep ``{v : s_v >= s_{σ(k)}}`` (the k largest; ties at the boundary kept).
   * top-p (``0 < p < 1``): with ``q = softmax`` of the top-k survivors, keep the smallest prefix of ``σ`` whose mass
@@ -79,12 +97,13 @@ def process_logits(
 
   Args:
     logits_bv: ``[B, V]`` logits.
-    temperature: scalar, traced; ``<= 0`` leaves logits unscaled (greedy callers take the argmax).
+    temperature: scalar, traced; ``< GREEDY_BELOW_TEMPERATURE`` (e.g. 0) leaves logits unscaled (greedy callers take
+      the argmax).
     top_k: scalar int, traced; ``<= 0`` disables.
     top_p: scalar float, traced; ``>= 1`` disables.
 
   Returns:
-    ``[B, V]`` float32 processed logits.
+    ``[B, V]`` float32 processed logits (shifted so the row maximum is 0).
   """
   chex.assert_rank(logits_bv, 2)
   scaled_bv = scale_logits(logits_bv, temperature)
@@ -106,7 +125,8 @@ def sample_tokens(
     top_k: chex.Numeric = 0,
     top_p: chex.Numeric = 1.0,
 ) -> jax.Array:
-  """Draws one token per row from ``softmax(process_logits(logits, T, k, p))``; greedy (argmax) when ``T <= 0``.
+  """Draws one token per row from ``softmax(process_logits(logits, T, k, p))``; greedy (argmax) when
+  ``T < GREEDY_BELOW_TEMPERATURE`` (``T = 0``, or a subnormal that some backends flush to 0).
 
   Args:
     key: PRNG key.
@@ -120,7 +140,7 @@ def sample_tokens(
   processed_bv = process_logits(logits_bv, temperature, top_k, top_p)
   sampled_b = jax.random.categorical(key, processed_bv, axis=-1)
   greedy_b = jnp.argmax(logits_bv, axis=-1)
-  return jnp.where(jnp.asarray(temperature) > 0.0, sampled_b, greedy_b).astype(jnp.int32)
+  return jnp.where(_samples(temperature), sampled_b, greedy_b).astype(jnp.int32)
 
 
 def token_logprobs_at_temperature(
@@ -129,7 +149,10 @@ def token_logprobs_at_temperature(
   """``log softmax(z / T)[token]`` in f32, the *untruncated* tempered policy (what TRL-style learners score).
 
   Top-k/top-p truncation is deliberately not applied: the learner recomputes ``log softmax(z / T)`` over the full
-  vocabulary, and importance ratios must compare like with like. ``T <= 0`` (greedy) scores at ``T = 1``.
+  vocabulary, and importance ratios must compare like with like. A greedy ``T`` (``< GREEDY_BELOW_TEMPERATURE``)
+  scores at ``T = 1``. The logits are shifted by their maximum before the division (:func:`scale_logits`), so any
+  sampling ``T`` gives finite log-probs for every token of non-zero probability (``-inf`` only where ``exp``
+  underflows to exactly 0, a token that :func:`sample_tokens` never draws).
 
   Args:
     logits_bv: ``[B, V]`` logits.

@@ -22,11 +22,20 @@ Outputs per row ``r`` and completion step ``n`` (``N = max_new_tokens``)::
 
 The log-probs are those of the *untruncated* tempered policy: it is what a TRL-style learner recomputes
 (``log_softmax(logits / T)``), so importance ratios compare like with like. At ``T = 0`` (greedy) they are at ``T = 1``.
+Any sampling ``T``, however small, gives finite log-probs: the logits are shifted by their row maximum before the
+division (``capo_jax.sampling.scale_logits``), so nothing overflows and the draw tends to the argmax; ``T`` below the
+smallest normal float32 (``GREEDY_BELOW_TEMPERATURE``) is greedy like ``T = 0``.
+
+The KV cache holds the model's compute dtype unless ``cache_dtype`` says otherwise (e.g. ``"bfloat16"`` halves the
+cache of a float32 model; keys/values are rounded once when written and attention still runs in the compute dtype).
+It has exactly ``L_p + N`` slots, so decoding never runs past it; the model itself rejects writes past a full cache
+(``capo_jax.models.CausalLM``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Sequence
 
 import chex
@@ -40,10 +49,12 @@ from capo_jax.sampling.logits_processing import sample_tokens, token_logprobs_at
 
 # Stop-id sets are padded to a multiple of this with -1 (never a token), so sets of 1..8 ids share one compile.
 _STOP_IDS_BUCKET = 8
+_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SamplingParams(NamedTuple):
-  """Traced sampling parameters (scalars). ``temperature <= 0``: greedy; ``top_k <= 0`` / ``top_p >= 1``: off."""
+  """Traced sampling parameters (scalars). ``temperature`` 0 (or below ``GREEDY_BELOW_TEMPERATURE``): greedy;
+  ``top_k <= 0`` / ``top_p >= 1``: off."""
 
   temperature: jax.Array
   top_k: jax.Array
@@ -51,10 +62,16 @@ class SamplingParams(NamedTuple):
 
   @classmethod
   def create(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> "SamplingParams":
+    """Validated parameters from Python numbers.
+
+    Raises:
+      ValueError: temperature NaN, infinite or negative; top_p outside (0, 1].
+      TypeError: top_k not an int.
+    """
     if not 0.0 < float(top_p) <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {top_p!r}; use 1.0 to disable nucleus filtering.")
-    if float(temperature) < 0.0:
-      raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}.")
+    if not math.isfinite(float(temperature)) or float(temperature) < 0.0:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}.")
     if int(top_k) != top_k:
       raise TypeError(f"top_k must be an int (0 disables), got {top_k!r}.")
     return cls(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
@@ -129,15 +146,15 @@ def _emit(state: _DecodeState, logits_rv, params: SamplingParams, stop_ids_re, p
   )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "cache_dtype"))
 def _prefill(graphdef, state, prompt_tokens_bp, prompt_mask_bp, key, params, stop_ids_re, pad_id, *,
-             num_samples: int, max_new_tokens: int):
+             num_samples: int, max_new_tokens: int, cache_dtype: str | None):
   model = nnx.merge(graphdef, state)
   num_prompts, prompt_len = prompt_tokens_bp.shape
   rows = num_prompts * num_samples
   mask_bp = prompt_mask_bp.astype(bool)
   # S = L_p + N slots; the last drawn token is never fed, the spare slot keeps S round (e.g. 256 + 512 = 768).
-  cache = model.init_cache(num_prompts, prompt_len + max_new_tokens)
+  cache = model.init_cache(num_prompts, prompt_len + max_new_tokens, cache_dtype)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1, dtype=jnp.int32) - 1, 0)
   out = model(prompt_tokens_bp, positions_bp, mask_bp, cache, return_logits=False)
   logits_bv = _last_logits(model, out.hidden)
@@ -230,6 +247,7 @@ def sample(
     top_p: float = 1.0,
     stop_ids: Sequence[int] | chex.Array | None = None,
     pad_id: int = 0,
+    cache_dtype: str | None = None,
 ) -> SampleOutput:
   """Samples ``num_samples`` (G) completions for each left-padded prompt with a KV cache.
 
@@ -240,13 +258,21 @@ def sample(
     key: PRNG key; the output is a deterministic function of it (step n draws with ``fold_in(key, n)``).
     max_new_tokens: N, completion length (static).
     num_samples: G, completions per prompt (static); rows are prompt-major, row ``i`` ← prompt ``i // G``.
-    temperature, top_k, top_p: traced sampling parameters (see :func:`process_logits`); ``temperature=0`` is greedy.
+    temperature, top_k, top_p: traced sampling parameters (see :func:`process_logits`); ``temperature=0`` is greedy,
+      a temperature below ``GREEDY_BELOW_TEMPERATURE`` (~1.2e-38, the smallest normal float32) is greedy too; any
+      larger one samples, with finite log-probs however small it is.
     stop_ids: EOS/stop token ids: a set shared by all rows, [P, E] per prompt or [P·G, E] per row (pad ragged sets
       with -1); None or () never stops early. Up to 8 ids share one compile (traced, padded to a multiple of 8).
     pad_id: token written after a row's first stop token.
+    cache_dtype: dtype of the KV cache ("float32" | "bfloat16" | "float16"; static); None: the model's compute dtype.
+      Equal to the compute dtype it changes nothing.
 
   Returns:
     :class:`SampleOutput` with R = P·G rows.
+
+  Raises:
+    ValueError: bad lengths, prompts (not left-padded, empty rows, ids out of range), temperature (NaN, infinite or
+      negative), top_p, stop_ids, pad_id or cache_dtype, each named in the message.
   """
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
@@ -259,10 +285,20 @@ def sample(
   prompt_mask = jnp.asarray(prompt_mask)
   _check_prompts(prompt_tokens, prompt_mask, vocab_size)
   params = SamplingParams.create(temperature, top_k, top_p)
+  if cache_dtype is not None:
+    try:
+      name = jnp.dtype(cache_dtype).name
+    except TypeError:
+      name = None
+    if name not in _CACHE_DTYPES:
+      raise ValueError(f"cache_dtype must be None (the model's compute dtype) or one of {_CACHE_DTYPES}, got "
+                       f"{cache_dtype!r}.")
+    cache_dtype = name
   stop_ids_re = _stop_ids_array(stop_ids, prompt_tokens.shape[0], num_samples)
   pad = jnp.asarray(pad_id, jnp.int32)
   decode_state = _prefill(graphdef, state, prompt_tokens.astype(jnp.int32), prompt_mask.astype(jnp.int32), key,
-                          params, stop_ids_re, pad, num_samples=num_samples, max_new_tokens=max_new_tokens)
+                          params, stop_ids_re, pad, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                          cache_dtype=cache_dtype)
   decode_state = _decode(graphdef, state, decode_state, params, stop_ids_re, pad)
   return SampleOutput(
       completion_tokens=decode_state.tokens_rn,
@@ -288,7 +324,7 @@ class Sampler:
   """
 
   def __init__(self, model_or_graphdef, state: nnx.State | None = None, *, pad_id: int = 0,
-               stop_ids: Sequence[int] | None = None):
+               stop_ids: Sequence[int] | None = None, cache_dtype: str | None = None):
     if state is None:
       graphdef, state = nnx.split(model_or_graphdef)
     else:
@@ -296,6 +332,7 @@ class Sampler:
     self.graphdef, self.state = graphdef, state
     self.pad_id = pad_id
     self.stop_ids = stop_ids
+    self.cache_dtype = cache_dtype
 
   def update_state(self, state: nnx.State) -> None:
     self.state = state
@@ -308,6 +345,7 @@ class Sampler:
         max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_ids=self.stop_ids if stop_ids is None else stop_ids,
         pad_id=self.pad_id if pad_id is None else pad_id,
+        cache_dtype=self.cache_dtype,
     )
 
 
