@@ -1,7 +1,8 @@
 """CAPO's last-layer curvature model, its mask rules and the released presets.
 
 Melo, Abate, Gal, *Stabilizing Policy Gradients for Sample-Efficient Reinforcement Learning in LLM Reasoning*
-(arXiv 2510.00819), and its PyTorch reference (``luckeciano/stable-pg-llm``). The maths is ``shared/CAPO.md`` §2.
+(arXiv 2510.00819), and its PyTorch reference (``luckeciano/stable-pg-llm``). The derivations are in
+``docs/MATH.md`` §2.
 
 Only the unembedding W ∈ R^{V×H} is modelled (logits z_t = W h_t), restricted at each position t to the K rows of
 the policy's top-K logits. With π_t the softmax over those K logits, e_t the one-hot of the sampled token inside the
@@ -23,7 +24,7 @@ and CAPO's two statistics for a learning rate η and the direction d_t the optim
 
 Direction models (``SGDDirection``, ``AdamDirection``): SGD d_t = g_t; Adam d_t is the step ``optax.scale_by_adam``
 would take from the current moments of the K rows with g_t as the next gradient (prospective moments, bias
-correction at c + 1). Pitfalls of CAPO.md §5 handled here, each tested:
+correction at c + 1). Pitfalls of the formulas (docs/MATH.md §2.7) handled here, each tested:
 
 * sign — optax's moments are of the LOSS gradient −g, so its first moment enters with a minus sign
   (``AdamDirection.moments_of_loss=True``, the default); the second moment is sign-free;
@@ -37,26 +38,28 @@ Memory: the per-token direction is K×H. It is never materialised for the whole 
 (``jax.lax.map`` with ``batch_size=chunk_size``), so the extra peak memory of the Adam token model is
 O(chunk_size·K·H) (about six buffers of that size: gathered m, s rows, g, m', s', d); SGD needs no gather and is
 O(N·K) in closed form. Sentence/global granularities add one dense [V,H] accumulator per row in flight.
+
+The top-K itself is ``capo_jax.ops.top_k.top_k_set`` (re-exported here with ``top_k``), and the logits of
+``top_k_policy_from_hidden`` are formed per time chunk by ``capo_jax.ops.chunking``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from capo_jax import logprobs
+from capo_jax import validation
+from capo_jax.ops import chunking
+from capo_jax.ops import top_k as top_k_ops
+from capo_jax.ops.top_k import top_k, top_k_set  # pylint: disable=unused-import  (re-exported: curvature.top_k(_set))
 
 Array = jax.Array
 HessianRule = Literal["symmetric", "nonsymmetric"]
 Granularity = Literal["token", "sentence", "global"]
-
-_HESSIAN_RULES = ("symmetric", "nonsymmetric")
-_GRANULARITIES = ("token", "sentence", "global")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def last_layer_token_stats(
     row_ids_nk: Array | None = None,
     chunk_size: int = 256,
 ) -> LastLayerStats:
-  """Per-token ⟨g,d⟩, m_H and m_F of CAPO's last-layer model (CAPO.md §2), from exactly its quantities.
+  """Per-token ⟨g,d⟩, m_H and m_F of CAPO's last-layer model (docs/MATH.md §2.2–§2.4), from exactly its quantities.
 
   For token t (h = hidden_nh[t], π = probs_nk[t], e = action_onehot_nk[t], A = advantages_n[t], η):
 
@@ -200,8 +203,7 @@ def last_layer_token_stats(
   chex.assert_rank([hidden_nh, probs_nk, action_onehot_nk, advantages_n], [2, 2, 2, 1])
   chex.assert_equal_shape([probs_nk, action_onehot_nk])
   chex.assert_equal_shape_prefix([hidden_nh, probs_nk, advantages_n], 1)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  validation.check_chunk_size(chunk_size)
   dtype = _compute_dtype(hidden_nh, probs_nk)
   h_nh = hidden_nh.astype(dtype)
   pi_nk = probs_nk.astype(dtype)
@@ -263,233 +265,6 @@ class TopKPolicy(NamedTuple):
   onehot_btk: Array  # e: one-hot of the sampled token among the K (all zero if it is outside)
 
 
-def _group_size(v: int, k: int) -> int:
-  """Entries per group for the group-maxima bounds: at most V // k (so there are ≥ k groups), preferably a divisor of
-  V (then the row reshapes into groups without a copy: ~4× faster on XLA:CPU than slicing off a remainder)."""
-  size = max(v // k, 1)
-  divisor = max(d for d in range(1, size + 1) if v % d == 0)
-  return divisor if 2 * divisor >= size else size
-
-
-def _top_k_initial_bracket(z_nv: Array, k: int) -> tuple[Array, Array]:
-  """Per row (lo, hi) with #{z ≥ lo} ≥ k and hi = row max: split the row into G ≥ k groups; the smallest group maximum
-  has ≥ G ≥ k entries at or above it. (NaN rows: undefined; XLA:CPU's max does not reliably propagate NaN.)"""
-  n, v = z_nv.shape
-  size = _group_size(v, k)
-  groups = v // size
-  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, groups, size), axis=-1)
-  hi = jnp.max(group_max, axis=-1)
-  if groups * size < v:
-    hi = jnp.maximum(hi, jnp.max(z_nv[:, groups * size:], axis=-1))
-  return jnp.min(group_max, axis=-1), hi
-
-
-def _top_k_group_bound(z_nv: Array, k: int, steps: int = 10) -> tuple[Array, Array]:
-  """Per row (lo, hi): lo ≤ the k-th largest entry, close to it, found on group maxima only; hi = row max.
-
-  The row splits into G ≥ 2k groups (``_group_size``); if ≥ k group maxima are ≥ t then ≥ k entries are, so a
-  bisection of t on the [N, G] maxima (``steps`` cheap passes, G ≈ V/8 elements) keeping #{maxima ≥ lo} ≥ k lands near
-  the k-th largest maximum. Measured at V = 1024, K = 50: ≤ 79 (random logits) and ≤ 95 (a trained task model's
-  peaked logits) entries ≥ lo per row after 10 steps, where bisection on the whole row needed 7 full passes to get
-  the trained model's rows under 128.
-  """
-  n, v = z_nv.shape
-  size = _group_size(v, 2 * k)
-  groups = v // size
-  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, groups, size), axis=-1)
-  lo, hi = jnp.min(group_max, axis=-1), jnp.max(group_max, axis=-1)
-  if groups * size < v:
-    hi = jnp.maximum(hi, jnp.max(z_nv[:, groups * size:], axis=-1))
-  top = hi
-  for _ in range(steps):
-    mid = lo + 0.5 * (hi - lo)
-    enough = jnp.sum((~(group_max < mid[:, None])).astype(jnp.int32), axis=-1) >= k
-    lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-  return lo, top
-
-
-def _count_at_least(z_nv: Array, threshold_n: Array) -> Array:
-  """#{z ≥ threshold or z = NaN} per row (int32), as #{not z < threshold}. Summed in two stages when V splits into
-  32-wide columns: XLA:CPU fuses that into one pass (~1.5× faster than a single sum of the comparison)."""
-  n, v = z_nv.shape
-  hits = (~(z_nv < threshold_n[:, None])).astype(jnp.int32)
-  if v % 32 == 0 and v > 32:
-    return jnp.sum(jnp.sum(hits.reshape(n, v // 32, 32), axis=1), axis=-1)
-  return jnp.sum(hits, axis=-1)
-
-
-def _top_k_lower_bound(z_nv: Array, k: int, bisection_steps: int) -> Array:
-  """A per-row value ``lo`` with at least ``k`` entries ``≥ lo``, as close below the k-th largest as cheaply found.
-
-  ``_top_k_initial_bracket``, then ``bisection_steps`` halvings of [lo, row max] that keep the invariant
-  #{z ≥ lo} ≥ k. Rows holding a NaN get −∞.
-  """
-  lo, hi = _top_k_initial_bracket(z_nv, k)
-  for _ in range(bisection_steps):
-    mid = lo + 0.5 * (hi - lo)
-    enough = _count_at_least(z_nv, mid) >= k
-    lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-  return jnp.where(jnp.any(jnp.isnan(z_nv), axis=-1), -jnp.inf, lo)
-
-
-def _use_cpu_path(v: int, k: int, enabled: bool | None, min_ratio: int = 16) -> bool:
-  """Whether a CPU path replaces ``lax.top_k``: ``enabled``, or by default on the CPU backend when V ≥ min_ratio·K
-  (the prefilter: 16, measured slower at V = 256, K = 50; the set selection: 4, faster there)."""
-  if enabled is None:
-    enabled = jax.default_backend() == "cpu" and v >= min_ratio * k
-  return bool(enabled) and v >= 2 * k
-
-
-def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | None = None,
-          bisection_steps: int = 3) -> tuple[Array, Array]:
-  """``jax.lax.top_k(x, k)`` over the last axis, bit-identical (values, ids and their order, ties by lower id).
-
-  XLA:CPU's TopK is a per-row ``std::partial_sort`` of the indices with a comparator, so its cost is mostly the heap
-  work on the finite candidates. The ``prefilter`` path first replaces every entry below a cheap lower bound of the
-  k-th largest value (``_top_k_lower_bound``: group maxima + a few bisection steps, ~5 vectorised passes over the
-  row) by −∞: the k largest entries are all ≥ that bound, so the result is unchanged, and the sort then sees ~k finite
-  values (≈ 40% less time on a 2-core CPU at 4096 × 1024, K = 50: 38 → 24 ms). Default: prefilter on the CPU backend
-  when V ≥ 16·k (below that the extra passes cost more than the sort saves: V = 256, K = 50 measured slower);
-  elsewhere the backend's own TopK. When the order of the k entries does not matter, ``top_k_set`` is faster still.
-
-  ``where`` (boolean, ``x.shape[:-1]``): rows whose result is not needed (padding positions). With the prefilter
-  their row is all −∞, which XLA:CPU sorts ~4× faster; their result is then ids 0…k−1 with values 0 (finite, so
-  downstream arithmetic stays NaN-free). Without the prefilter ``where`` is ignored (every row exact).
-  """
-  v = x.shape[-1]
-  if not _use_cpu_path(v, k, prefilter):
-    return jax.lax.top_k(x, k)
-  lead = x.shape[:-1]
-  z = x.reshape(-1, v)
-  neg_inf = jnp.asarray(-jnp.inf, z.dtype)
-  lo = _top_k_lower_bound(z, k, bisection_steps)
-  filtered = jnp.where(z < lo[:, None], neg_inf, z)  # NaN stays NaN
-  rows = None if where is None else jnp.broadcast_to(where, lead).reshape(-1, 1)
-  if rows is not None:
-    filtered = jnp.where(rows, filtered, neg_inf)
-  _, ids = jax.lax.top_k(filtered, k)
-  values = jnp.take_along_axis(z, ids, axis=-1)  # −∞ stand-ins never reach the top k; keep x's own values
-  if rows is not None:
-    values = jnp.where(rows, values, jnp.zeros_like(values))
-  return values.reshape(*lead, k), ids.reshape(*lead, k)
-
-
-def _order_keys(x: Array) -> Array:
-  """int32 keys of float32 ``x`` in XLA:CPU TopK's order: −0.0 < 0.0, NaN above +∞ (the sign-flipped bit pattern)."""
-  i = jax.lax.bitcast_convert_type(x, jnp.int32)
-  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
-
-
-def _compact(mask_nm: Array, slots: int) -> tuple[Array, Array]:
-  """Positions of the True entries of each row, in ascending order, in ``slots`` columns; and which are real.
-
-  Bit-packed select: the row is cut into words of 32 flags; slot p lies in the word where the running popcount
-  passes p, and inside it at the bit found by a 5-step binary search on popcounts. Every pass is elementwise over
-  [N, M/32] or [N, slots] (no sort, no scatter). Slots beyond the row's count get arbitrary in-range positions.
-  """
-  n, m = mask_nm.shape
-  words = -(-m // 32)
-  mask_nm = jnp.pad(mask_nm, ((0, 0), (0, words * 32 - m)))
-  shifts = jnp.arange(32, dtype=jnp.uint32)
-  bits = jnp.sum(mask_nm.reshape(n, words, 32).astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32)
-  counts = jax.lax.population_count(bits).astype(jnp.int32)
-  ends = jnp.cumsum(counts, axis=-1)  # inclusive running count per word
-  slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
-  word = jnp.zeros((n, slots), jnp.int32)
-  for w in range(words - 1):  # word of slot p = #{words ending at or before p}; unrolled (XLA:CPU is fast on this)
-    word = word + (ends[:, w:w + 1] <= slot).astype(jnp.int32)
-  rank = (slot - jnp.take_along_axis(ends - counts, word, axis=-1)).astype(jnp.uint32)
-  bits_p = jnp.take_along_axis(bits, word, axis=-1)
-  pos = jnp.zeros_like(bits_p)
-  for step in (16, 8, 4, 2, 1):  # largest pos with popcount(bits below pos) ≤ rank = the rank-th set bit
-    trial = pos + step
-    below = jax.lax.population_count(bits_p & ((jnp.uint32(1) << trial) - 1))
-    pos = jnp.where(below <= rank, trial, pos)
-  return jnp.minimum(word * 32 + pos.astype(jnp.int32), m - 1), slot < ends[:, -1:]
-
-
-def _select_top_k(z_nv: Array, lo_n: Array, rows_n: Array, k: int, capacity: int) -> tuple[Array, Array]:
-  """Steps 2–4 of ``top_k_set``: the k largest of each needed row's candidates z ≥ lo (at most ``capacity`` of them,
-  at least k, no NaN), in id order; ids 0…k−1 and values 0 on rows not needed."""
-  # 2. Compact the candidates (id order).
-  cand_ids, cand_real = _compact((z_nv >= lo_n[:, None]) & rows_n[:, None], capacity)
-  cand_z = jnp.take_along_axis(z_nv, cand_ids, axis=-1)
-  key = _order_keys(cand_z)
-  # 3. Rank among the row's candidates: #{q : key_q > key_p, or key_q = key_p and q before p (lower id)}. One
-  #    elementwise pass per q: XLA:CPU runs these fused passes ~60× faster than the broadcast [N, C, C] compare.
-  rank = jnp.zeros(key.shape, jnp.int32)
-  slot = jnp.arange(capacity)[None, :]
-  for q in range(capacity):
-    k_q = key[:, q:q + 1]
-    ahead = (k_q > key) | ((k_q == key) & (q < slot))
-    rank = rank + (ahead & cand_real[:, q:q + 1]).astype(jnp.int32)
-  # 4. Keep rank < k, compact again.
-  pick, real = _compact(cand_real & (rank < k), k)
-  ids = jnp.where(real, jnp.take_along_axis(cand_ids, pick, axis=-1), jnp.arange(k, dtype=jnp.int32)[None, :])
-  values = jnp.where(real, jnp.take_along_axis(cand_z, pick, axis=-1), jnp.zeros((), z_nv.dtype))
-  return values, ids
-
-
-def top_k_set(x: Array, k: int, *, where: Array | None = None, enabled: bool | None = None,
-              capacity: int = 128, max_bisection_steps: int = 12) -> tuple[Array, Array]:
-  """The k largest entries of the last axis as a SET: the same (value, id) pairs as ``jax.lax.top_k`` (ties by lower
-  id), in an unspecified order (ascending id on the CPU path, descending value otherwise).
-
-  CAPO's statistics are sums over the top-K, so they need the set, not its order, and on XLA:CPU sorting the k
-  entries of every row is most of ``top_k``'s time. The CPU path (``enabled``; default: CPU backend, float32 and
-  V ≥ 4·k) selects instead, with only vectorised passes:
-
-    1. lower bound lo ≤ k-th largest by bisection on group maxima (``_top_k_group_bound``), then — only if some
-       row still has more than ``capacity`` candidates x ≥ lo — bisection steps on [lo, row max] over the whole rows
-       that keep #{x ≥ lo} ≥ k (a ``while_loop``, ≤ ``max_bisection_steps``);
-    2. the candidates' ids, compacted to ``capacity`` columns in id order (``_compact``, bit-packed select);
-    3. each candidate's exact rank among its row's candidates, ties by lower id, in XLA:CPU TopK's float order
-       (−0.0 < 0.0): capacity elementwise passes over [N, capacity];
-    4. the k candidates of rank < k, compacted again.
-
-  At 4096 × 1024, K = 50 on a 2-core CPU: 8.4 ms on random logits and 9.2 ms on a trained task model's, against
-  38 / 31 ms for ``lax.top_k`` and 24 / 30 ms for the prefiltered ``top_k``; step 3 written as one [N, C, C]
-  broadcast comparison instead of C fused passes took 20 ms on its own at C = 64.
-  If any needed row still has more than ``capacity`` candidates (heavy ties) or holds a NaN, the whole call takes
-  the exact ``top_k`` instead (``lax.cond``; under ``vmap`` both branches run). ``where``: as in ``top_k`` — rows
-  not needed get ids 0…k−1 and values 0.
-  """
-  v = x.shape[-1]
-  if not (_use_cpu_path(v, k, enabled, min_ratio=4) and x.dtype == jnp.float32 and capacity >= k):
-    return top_k(x, k, where=where, prefilter=enabled)
-  lead = x.shape[:-1]
-  z = x.reshape(-1, v)
-  n = z.shape[0]
-  rows = jnp.ones((n,), bool) if where is None else jnp.broadcast_to(where, lead).reshape(-1)
-
-  # 1. Candidates: lo ≤ k-th largest with #{z ≥ lo} ≤ capacity on every needed row.
-  lo, hi = _top_k_group_bound(z, k)
-  # Rows with a NaN take the exact path (lax.top_k ranks NaN first). The row sum is NaN then (and also for rows
-  # holding both ±∞, which merely take the exact path too): one cheap pass instead of an isnan reduction.
-  has_nan = jnp.isnan(jnp.sum(z, axis=-1))
-  count = _count_at_least(z, lo)
-
-  def too_many(c):  # NaN rows take the exact path anyway: they do not keep the loop going
-    return jnp.any(rows & ~has_nan & (c[3] > capacity)) & (c[0] < max_bisection_steps)
-
-  def bisect(c):
-    i, lo, hi, count = c
-    mid = lo + 0.5 * (hi - lo)
-    count_mid = _count_at_least(z, mid)
-    enough = count_mid >= k
-    return (i + 1, jnp.where(enough, mid, lo), jnp.where(enough, hi, mid), jnp.where(enough, count_mid, count))
-
-  _, lo, _, count = jax.lax.while_loop(too_many, bisect, (jnp.int32(0), lo, hi, count))
-  fits = jnp.all(~rows | ((count >= k) & (count <= capacity) & ~has_nan))
-
-  def exact(z):
-    values, ids = top_k(z, k, where=rows, prefilter=True)
-    return values, ids.astype(jnp.int32)
-
-  values, ids = jax.lax.cond(fits, lambda z: _select_top_k(z, lo, rows, k, capacity), exact, z)
-  return values.reshape(*lead, k), ids.reshape(*lead, k)
-
-
 def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: float = 1.0,
                  valid_bt: Array | None = None) -> TopKPolicy:
   """π over the top-K logits and the one-hot of the sampled token inside them.
@@ -497,41 +272,19 @@ def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: f
       ids = argtopK(z),   π = softmax(z[ids] / temperature),   e_k = [ids_k = a]
 
   ``logits_btv[:, t]`` must be the distribution that sampled ``tokens_bt[:, t]`` (already shifted). The top-K is
-  ``curvature.top_k_set``: the same K (logit, id) pairs as ``jax.lax.top_k``, in an unspecified order along K
+  ``capo_jax.ops.top_k.top_k_set``: the same K (logit, id) pairs as ``jax.lax.top_k``, in an unspecified order along K
   (ascending id on CPU) — every statistic is a sum over the K. ``valid_bt``: positions whose policy is needed
   (completion tokens); elsewhere the result may be a placeholder (ids 0…K−1, logits 0).
   """
   chex.assert_rank([logits_btv, tokens_bt], [3, 2])
   chex.assert_equal_shape_prefix([logits_btv, tokens_bt], 2)
-  vocab = logits_btv.shape[-1]
-  if not 1 <= top_k <= vocab:
-    raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}; lower top_k to at most the vocabulary.")
+  validation.check_top_k(top_k, logits_btv.shape[-1])
   dtype = _compute_dtype(logits_btv)
   where = None if valid_bt is None else valid_bt > 0
-  top_logits_btk, ids_btk = _top_k_set(logits_btv.astype(dtype), top_k, where=where)
+  top_logits_btk, ids_btk = top_k_ops.top_k_set(logits_btv.astype(dtype), top_k, where=where)
   probs_btk = jax.nn.softmax(top_logits_btk / temperature, axis=-1)
   onehot_btk = (ids_btk == tokens_bt[..., None]).astype(dtype)
   return TopKPolicy(ids_btk.astype(jnp.int32), probs_btk, onehot_btk)
-
-
-_top_k_set = top_k_set  # top_k_policy's argument shadows the module's top_k
-
-def _map_time_chunks(fn, xs: tuple[Array, ...], chunk: int):
-  """``fn(*[x[:, s:s + chunk] for x in xs])`` over the time axis (axis 1), concatenated back along it. Full chunks
-  go through ``jax.lax.map`` (one chunk's intermediates alive at a time); a shorter remainder runs once."""
-  time = xs[0].shape[1]
-  num_full = time // chunk
-  parts = []
-  if num_full:
-    def one(i):
-      return fn(*(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1) for x in xs))
-
-    out = jax.lax.map(one, jnp.arange(num_full))  # leaves [num_full, B, chunk, ...]
-    parts.append(jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], num_full * chunk, *y.shape[3:]),
-                              out))
-  if time % chunk:
-    parts.append(fn(*(x[:, num_full * chunk:] for x in xs)))
-  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts) if len(parts) > 1 else parts[0]
 
 
 def top_k_policy_from_hidden(hidden_bth: Array, unembedding_vh: Array, tokens_bt: Array, top_k: int,
@@ -550,8 +303,7 @@ def top_k_policy_from_hidden(hidden_bth: Array, unembedding_vh: Array, tokens_bt
   if unembedding_vh.shape[1] != width:
     raise ValueError(f"hidden width {width} does not match the unembedding's {unembedding_vh.shape[1]} ([V, H] "
                      "layout expected).")
-  if not 1 <= top_k <= vocab:
-    raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}; lower top_k to at most the vocabulary.")
+  validation.check_top_k(top_k, vocab)
   valid_bt = jnp.ones((batch, time), bool) if valid_bt is None else valid_bt
   w_vh = unembedding_vh.astype(hidden_bth.dtype)
 
@@ -559,8 +311,8 @@ def top_k_policy_from_hidden(hidden_bth: Array, unembedding_vh: Array, tokens_bt
     z_bcv = jnp.einsum("bch,vh->bcv", h_bch, w_vh, preferred_element_type=jnp.float32)
     return top_k_policy(z_bcv, tok_bc, top_k, temperature, valid_bt=valid_bc)
 
-  chunk = logprobs._auto_chunk(batch, time, vocab, chunk_size)  # the loss's own chunking (≤ 64 MiB)
-  return _map_time_chunks(chunk_fn, (hidden_bth, tokens_bt, valid_bt), chunk)
+  chunk = chunking.auto_chunk(batch, time, vocab, chunk_size)  # the loss's own chunking (≤ 64 MiB)
+  return chunking.map_time_chunks(chunk_fn, (hidden_bth, tokens_bt, valid_bt), chunk)
 
 
 class CurvatureStatistics(NamedTuple):
@@ -570,15 +322,6 @@ class CurvatureStatistics(NamedTuple):
   m_hessian: Array
   m_fisher: Array
   top_k: TopKPolicy
-
-
-def _pad_chunks(x: Array, chunk: int) -> Array:
-  """[N, ...] → [ceil(N/chunk), chunk, ...], zero-padded."""
-  n = x.shape[0]
-  n_chunks = -(-n // chunk)
-  pad = n_chunks * chunk - n
-  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-  return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
 def unembedding_gradient(
@@ -604,7 +347,7 @@ def unembedding_gradient(
   v_nk = action_onehot_nk.astype(dtype) - probs_nk.astype(dtype)
   coef_nk = (weights_n * advantages_n).astype(dtype)[:, None] * v_nk  # w_t A_t v_t
   chunk = min(chunk_size, hidden_nh.shape[0])
-  xs = tuple(_pad_chunks(x, chunk) for x in (hidden_nh.astype(dtype), coef_nk, row_ids_nk))
+  xs = tuple(chunking.pad_to_chunks(x, chunk) for x in (hidden_nh.astype(dtype), coef_nk, row_ids_nk))
 
   def add_chunk(g_vh, x):
     h_ch, coef_ck, ids_ck = x
@@ -641,7 +384,7 @@ def _shared_direction_stats(
     d_vh = adam_direction(g_vh, direction.mu, direction.nu, direction.count, b1=direction.b1, b2=direction.b2,
                           eps=direction.eps, moments_of_loss=direction.moments_of_loss)
   chunk = min(chunk_size, h_nh.shape[0])
-  xs = tuple(_pad_chunks(x, chunk) for x in (h_nh, top.ids_btk))
+  xs = tuple(chunking.pad_to_chunks(x, chunk) for x in (h_nh, top.ids_btk))
   u_nk = jax.lax.map(lambda x: jnp.einsum("ckh,ch->ck", d_vh[x[1]], x[0]), xs)
   u_nk = u_nk.reshape(-1, u_nk.shape[-1])[: h_nh.shape[0]]
   v_nk = top.onehot_btk - top.probs_btk
@@ -657,8 +400,7 @@ def _check_statistics_inputs(hidden_bth, tokens_bt, advantages_b, completion_mas
   chex.assert_rank([hidden_bth, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 1, 2])
   chex.assert_equal_shape_prefix([hidden_bth, tokens_bt, completion_mask_bt], 2)
   chex.assert_equal_shape_prefix([hidden_bth, advantages_b], 1)
-  if granularity not in _GRANULARITIES:
-    raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}.")
+  validation.check_granularity(granularity)
 
 
 def curvature_statistics(
@@ -681,7 +423,7 @@ def curvature_statistics(
   ``logits_btv[:, t]`` and ``hidden_bth[:, t]`` are the ones that produced ``tokens_bt[:, t]`` (already shifted).
   Adam moments, if any, are ``[V,H]`` tables of the unembedding (rows gathered by top-K id here).
 
-  * ``"token"`` → [B,T]: ``last_layer_token_stats`` per token, each with its own direction d_t (CAPO.md §2).
+  * ``"token"`` → [B,T]: ``last_layer_token_stats`` per token, each with its own direction d_t (docs/MATH.md §2.2).
   * ``"sentence"`` → [B]: per row i the surrogate J_i = mean over the row's completion tokens of J_t; one direction
     D_i = direction(∇J_i) from the per-row mean gradient G_i; m_H(i) = η⟨G_i,D_i⟩ + ½η² D_iᵀ∇²J_i D_i and
     m_F(i) = ½η² mean_t (∇ℓ_t·D_i)² (mean per-token Fisher along the shared step).
@@ -762,26 +504,16 @@ def _statistics_of_top(hidden_bth: Array, top: TopKPolicy, vocab: int, advantage
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value: Any) -> None:
-  if isinstance(value, numbers.Real) and not value > 0:
-    raise ValueError(f"{name} must be > 0 (a threshold on a non-negative statistic), got {value}.")
-
-
-def _check_rule(hessian_rule: str) -> None:
-  if hessian_rule not in _HESSIAN_RULES:
-    raise ValueError(f"hessian_rule must be one of {_HESSIAN_RULES}, got {hessian_rule!r}.")
-
-
 def fisher_keep(m_fisher: Array, tau_fisher: Array | float) -> Array:
   """Fisher rule: keep iff m_F < τ_F (bool, same shape as m_fisher)."""
-  _check_positive("tau_fisher", tau_fisher)
+  validation.check_positive("tau_fisher", tau_fisher)
   return m_fisher < tau_fisher
 
 
 def hessian_keep(m_hessian: Array, tau_hessian: Array | float, hessian_rule: HessianRule = "symmetric") -> Array:
   """Hessian rule: symmetric keep iff −τ_H < m_H < τ_H (every released run); nonsymmetric keep iff 0 ≤ m_H < τ_H."""
-  _check_positive("tau_hessian", tau_hessian)
-  _check_rule(hessian_rule)
+  validation.check_positive("tau_hessian", tau_hessian)
+  validation.check_hessian_rule(hessian_rule)
   if hessian_rule == "symmetric":
     return jnp.abs(m_hessian) < tau_hessian
   return (m_hessian >= 0) & (m_hessian < tau_hessian)
@@ -829,10 +561,11 @@ def curvature_penalty(
       P = Σ w (λ_F m_F + λ_H φ(m_H)) / Σ w,   φ = |·| (symmetric) or max(−·, 0) (nonsymmetric: only predicted
       degradation is penalised, the side the non-symmetric mask's lower bound rejects).
 
-  φ is our reading of "λ·m" for the signed m_H (CAPO.md does not fix it). For a gradient, compute the statistics
-  WITHOUT stop_gradient (``weights``: completion mask for tokens, ones for sentences, 1 for global).
+  φ is our reading of "λ·m" for the signed m_H (the paper does not fix it; docs/MATH.md §2.6). For a gradient,
+  compute the statistics WITHOUT stop_gradient (``weights``: completion mask for tokens, ones for sentences, 1 for
+  global).
   """
-  _check_rule(hessian_rule)
+  validation.check_hessian_rule(hessian_rule)
   chex.assert_equal_shape([m_hessian, m_fisher])
   phi = jnp.abs(m_hessian) if hessian_rule == "symmetric" else jnp.maximum(-m_hessian, 0.0)
   w = jnp.broadcast_to(weights, m_hessian.shape).astype(m_hessian.dtype)
@@ -890,22 +623,16 @@ class CurvatureMaskConfig:
   advantage_estimator: str = "grpo"
 
   def __post_init__(self):
-    _check_positive("tau_fisher", self.tau_fisher)
-    _check_positive("tau_hessian", self.tau_hessian)
-    _check_rule(self.hessian_rule)
-    if self.granularity not in _GRANULARITIES:
-      raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {self.granularity!r}.")
-    if self.direction not in ("adam", "sgd"):
-      raise ValueError(f"direction must be 'adam' or 'sgd', got {self.direction!r}.")
-    if self.top_k < 1:
-      raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+    validation.check_mask_setting(tau_fisher=self.tau_fisher, tau_hessian=self.tau_hessian,
+                                  hessian_rule=self.hessian_rule, granularity=self.granularity,
+                                  direction=self.direction, top_k=self.top_k)
 
   def as_kwargs(self) -> dict[str, Any]:
     return dict(tau_fisher=self.tau_fisher, tau_hessian=self.tau_hessian, hessian_rule=self.hessian_rule,
                 granularity=self.granularity, direction=self.direction, top_k=self.top_k)
 
 
-# Released thresholds (CAPO.md §2 table): all Adam direction, symmetric Hessian rule, token granularity, K = 50.
+# Released thresholds (docs/MATH.md §2.5): all Adam direction, symmetric Hessian rule, token granularity, K = 50.
 CAPO = CurvatureMaskConfig(tau_fisher=1e-4, tau_hessian=1e-2, advantage_estimator="grpo")
 DR_CAPO = CurvatureMaskConfig(tau_fisher=1e-3, tau_hessian=5e-4, advantage_estimator="dr_grpo")
 REIN_CAPO = CurvatureMaskConfig(tau_fisher=1e-5, tau_hessian=1e-1, advantage_estimator="reinforce")
@@ -919,3 +646,7 @@ def preset(name: str) -> CurvatureMaskConfig:
   if normalise(name) not in by_key:
     raise ValueError(f"unknown CAPO preset {name!r}; choose one of {sorted(PRESETS)}.")
   return by_key[normalise(name)]
+
+
+# ``learner.py`` still calls ``curvature._check_positive``; the check itself is ``validation.check_positive``.
+_check_positive = validation.check_positive

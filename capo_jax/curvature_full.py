@@ -1,12 +1,13 @@
 """CAPO beyond the last layer: the full-network directional model and Theorem 5.1 subset acceptance.
 
-Source: Melo, Abate, Gal, arXiv 2510.00819 (CAPO), and ``../shared/CAPO.md`` §3–§4 (this project's extensions).
+Source: Melo, Abate, Gal, arXiv 2510.00819 (CAPO); the derivations, this project's extensions, are in
+``docs/MATH.md`` §3–§4.
 
-The last-layer model (``capo_jax.curvature``) sees only the unembedding W; the first miniature (CAPO.md §5) found
-that the collapse lived in the transformer body. Here the model is the whole network, along **one shared candidate
-update** Δθ of all parameters (typically the optimizer's proposed update on the unmasked batch) — unlike the
-last-layer model, which builds a separate direction d_t per token. Everything is a directional derivative, so the
-cost is a few forward-mode passes, never a per-token gradient.
+The last-layer model (``capo_jax.curvature``) sees only the unembedding W, so curvature that lives in the transformer
+body is invisible to it. Here the model is the whole network, along **one shared candidate update** Δθ of all
+parameters (typically the optimizer's proposed update on the unmasked batch) — unlike the last-layer model, which
+builds a separate direction d_t per token. Everything is a directional derivative, so the cost is a few forward-mode
+passes, never a per-token gradient.
 
 Contract for the model: a pure ``logits_fn(params, batch) -> logits_btv`` (or ``(logits_btv, hidden_bth)``, or an
 object with a ``.logits`` field such as ``capo_jax.models`` outputs); position ``t`` of the logits scores
@@ -25,8 +26,8 @@ Per token (z_t the logits, a_t the sampled token, Δz_t = J_tΔθ, Δ²z_t = Δ�
 
 Δθ already contains the learning rate (it is the step itself), so there is no separate η here.
 
-Theorem 5.1 mode (CAPO.md §3): split the batch into subsets b_i (prompt groups or micro-batches), propose an update
-Δθ_i from each subset's gradient, accept the subsets with m_H(Δθ_i) ≥ δ_H and m_F(Δθ_i) ≤ δ_F and aggregate the
+Theorem 5.1 mode (docs/MATH.md §3): split the batch into subsets b_i (prompt groups or micro-batches), propose an
+update Δθ_i from each subset's gradient, accept the subsets with m_H(Δθ_i) ≥ δ_H and m_F(Δθ_i) ≤ δ_F and aggregate the
 accepted gradients. This is the *theorem's* acceptance rule, a distinct mode from the released code's per-token
 |m_H| < τ_H rejection ("CAPO", ``capo_jax.curvature``).
 """
@@ -41,10 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from capo_jax import curvature as last_layer
+from capo_jax import validation
 
 Array = jax.Array
 PyTree = Any
 LogitsFn = Callable[[PyTree, PyTree], Any]
+FISHER_FORMS = ("sampled", "expected")  # m_F = ½δ_t² (sampled-action Fisher) or ½F_t (expected Fisher)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def predicted_mean_kl(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-token full-network directional model (CAPO.md §4).
+# Per-token full-network directional model (docs/MATH.md §4).
 
 
 class FullNetworkTokenStats(NamedTuple):
@@ -192,18 +195,18 @@ def full_network_token_stats(
     fisher: str = "sampled",
     temperature: float = 1.0,
 ) -> FullNetworkTokenStats:
-  """Per-token predicted objective change m_H and policy shift m_F of the whole network along Δθ (CAPO.md §4).
+  """Per-token predicted objective change m_H and policy shift m_F of the whole network along Δθ (docs/MATH.md §4).
 
       δ_t = Δz_t[a_t] − π_t·Δz_t,     F_t = π_t·Δz_t² − (π_t·Δz_t)²,     κ_t = Δ²z_t[a_t] − π_t·Δ²z_t − F_t
       m_H(t) = A_i [δ_t + ½(δ_t² + κ_t)],     m_F(t) = ½δ_t² (fisher="sampled") or ½F_t (fisher="expected")
 
   with Δz = JΔθ (one ``jax.jvp``) and Δ²z = ΔθᵀH_zΔθ (``jax.jvp`` of ``jax.jvp``). **One shared direction**: Δθ is
   the same for every token (e.g. the optimizer's update on the unmasked batch, learning rate included), whereas the
-  last-layer model of CAPO.md §2 gives each token its own direction d_t built from that token's gradient alone.
+  last-layer model of docs/MATH.md §2 gives each token its own direction d_t built from that token's gradient alone.
 
-  Cost (CAPO.md §4, H100, Qwen2-0.5B shape, B=8×1024): ``second_order=False`` ≈ 0.75× a GRPO forward+backward,
-  ``second_order=True`` ≈ 2.5× (``benchmarks/learner_step.py`` times the whole masked learner step). Peak extra
-  memory: the float32 ``[B, T, V]`` logits and their tangent (plus the second tangent with ``second_order``).
+  Cost: one forward-mode pass (a forward and its tangent) with ``second_order=False``, a forward-mode pass of a
+  forward-mode pass with ``second_order=True``. Peak extra memory: the float32 ``[B, T, V]`` logits and their tangent
+  (plus the second tangent with ``second_order``).
 
   Args:
     logits_fn: pure ``(params, batch) -> logits_btv`` (see module docstring); position t scores ``actions_bt[:, t]``.
@@ -219,10 +222,8 @@ def full_network_token_stats(
   Returns:
     ``FullNetworkTokenStats``; mask it with the completion mask before reducing.
   """
-  if fisher not in ("sampled", "expected"):
-    raise ValueError(f"fisher must be 'sampled' or 'expected', got {fisher!r}.")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  validation.check_one_of("fisher", fisher, FISHER_FORMS)
+  validation.check_temperature(temperature)
   chex.assert_rank([actions_bt, advantages_b], [2, 1])
   z, dz, d2z = logit_jet(logits_fn, params, batch, update, second_order=second_order)
   if z.shape[:2] != actions_bt.shape or advantages_b.shape[0] != z.shape[0]:
@@ -279,7 +280,7 @@ def full_network_token_mask(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Curvature-vector products (CAPO.md §4) and Theorem 5.1 subset acceptance (§3).
+# Curvature-vector products (docs/MATH.md §4) and Theorem 5.1 subset acceptance (§3).
 
 
 def hessian_vector_product(loss_fn: Callable[[PyTree], Array], params: PyTree, vector: PyTree) -> PyTree:
@@ -367,8 +368,8 @@ def subset_acceptance(
       accept_i  = [m_H(Δθ_i) ≥ δ_H] · [m_F(Δθ_i) ≤ δ_F]
       returned  = (1/|acc|) Σ_{i accepted} ∇L_i       (zeros when nothing is accepted)
 
-  The theorem (CAPO.md §3): with δ_H = ω + ½Mr², the mean of the accepted Δθ_i improves J by ≥ ω − C√δ_F. Note this
-  accepts *large predicted improvements*, unlike the released code's per-token |m_H| < τ_H rejection ("CAPO").
+  The theorem (docs/MATH.md §3): with δ_H = ω + ½Mr², the mean of the accepted Δθ_i improves J by ≥ ω − C√δ_F. Note
+  this accepts *large predicted improvements*, unlike the released code's per-token |m_H| < τ_H rejection ("CAPO").
 
   Implementation: one ``jax.linearize`` of θ ↦ (∇L_i, z_i) — a ``jax.jvp`` of ``jax.grad`` whose primal pass is
   reused — gives ∇L_i, then both H_iΔθ_i (the Hessian-vector product) and Δz_i = J_iΔθ_i (the logit tangent) in one

@@ -6,31 +6,20 @@ A policy over a vocabulary of V tokens produces logits ``z_btv``; for each posit
     H_t       = logsumexp(z_t/T) − Σ_v softmax(z_t/T)_v · z_t[v]/T
 
 With V ≈ 150k and B·T ≈ 10⁵ a float32 copy of the logits is tens of GiB, so both functions here work on chunks of the
-time axis inside a ``jax.lax.scan`` whose body is rematerialised (``jax.checkpoint``): at most one float32 chunk
-``[B, chunk, V]`` (plus its softmax) is alive at a time, forward and backward. ``token_logprobs_from_hidden``
-fuses the unembedding as well, so the full ``[B, T, V]`` logits never exist at all.
+time axis (``capo_jax.ops.chunking.map_time_chunks``) whose body is rematerialised (``jax.checkpoint``): at most one
+float32 chunk ``[B, chunk, V]`` (plus its softmax) is alive at a time, forward and backward.
+``token_logprobs_from_hidden`` fuses the unembedding as well, so the full ``[B, T, V]`` logits never exist at all.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from capo_jax.ops import chunking
+
 Array = jax.Array
-
-# Elements of one float32 [B, chunk, V] block when chunk_size is left to us (64 MiB).
-_AUTO_CHUNK_ELEMENTS = 1 << 24
-
-
-def _auto_chunk(batch: int, time: int, vocab: int, chunk_size: int | None) -> int:
-  if chunk_size is not None:
-    if chunk_size < 1:
-      raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}.")
-    return min(chunk_size, time)
-  return max(1, min(time, _AUTO_CHUNK_ELEMENTS // max(1, batch * vocab)))
 
 
 def _logprob_entropy_of_logits(z_bcv: Array, tokens_bc: Array, inv_temperature: Array) -> tuple[Array, Array]:
@@ -41,42 +30,6 @@ def _logprob_entropy_of_logits(z_bcv: Array, tokens_bc: Array, inv_temperature: 
   p_bcv = jnp.exp(z_bcv - lse_bc[..., None])
   entropy_bc = lse_bc - jnp.sum(p_bcv * z_bcv, axis=-1)
   return picked_bc - lse_bc, entropy_bc
-
-
-def _scan_time_chunks(
-    chunk_fn: Callable[[Array, Array], tuple[Array, Array]],
-    source_bt_: Array,
-    tokens_bt: Array,
-    chunk: int,
-) -> tuple[Array, Array]:
-  """Applies ``chunk_fn(source[:, s:s+chunk], tokens[:, s:s+chunk])`` over time chunks and concatenates.
-
-  Full chunks go through a rematerialised ``lax.scan`` (one chunk's intermediates alive at a time, also in the
-  backward pass); a remainder shorter than ``chunk`` is processed once at the end.
-  """
-  batch, time = tokens_bt.shape
-  num_full = time // chunk
-  remat_fn = jax.checkpoint(chunk_fn)
-  outputs = []
-  if num_full:
-
-    def body(carry, i):
-      start = i * chunk
-      src = jax.lax.dynamic_slice_in_dim(source_bt_, start, chunk, axis=1)
-      tok = jax.lax.dynamic_slice_in_dim(tokens_bt, start, chunk, axis=1)
-      return carry, remat_fn(src, tok)
-
-    _, (lp_nbc, ent_nbc) = jax.lax.scan(body, None, jnp.arange(num_full))
-    outputs.append((
-        jnp.moveaxis(lp_nbc, 0, 1).reshape(batch, num_full * chunk),
-        jnp.moveaxis(ent_nbc, 0, 1).reshape(batch, num_full * chunk),
-    ))
-  if time % chunk:
-    start = num_full * chunk
-    outputs.append(remat_fn(source_bt_[:, start:], tokens_bt[:, start:]))
-  logprobs_bt = jnp.concatenate([o[0] for o in outputs], axis=1)
-  entropy_bt = jnp.concatenate([o[1] for o in outputs], axis=1)
-  return logprobs_bt, entropy_bt
 
 
 def _check_tokens(tokens_bt: Array, batch_time: tuple[int, int]) -> None:
@@ -112,10 +65,9 @@ def token_logprobs(
   batch, time, vocab = logits_btv.shape
   _check_tokens(tokens_bt, (batch, time))
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
-  chunk = _auto_chunk(batch, time, vocab, chunk_size)
-  return _scan_time_chunks(
-      lambda z, tok: _logprob_entropy_of_logits(z, tok, inv_t), logits_btv, tokens_bt, chunk
-  )
+  chunk = chunking.auto_chunk(batch, time, vocab, chunk_size)
+  return chunking.map_time_chunks(lambda z, tok: _logprob_entropy_of_logits(z, tok, inv_t), (logits_btv, tokens_bt),
+                                  chunk, remat=True)
 
 
 def token_logprobs_from_hidden(
@@ -148,10 +100,10 @@ def token_logprobs_from_hidden(
     raise ValueError(f"hidden width {width} does not match the unembedding's {w_width} ([V, H] layout expected).")
   _check_tokens(tokens_bt, (batch, time))
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
-  chunk = _auto_chunk(batch, time, vocab, chunk_size)
+  chunk = chunking.auto_chunk(batch, time, vocab, chunk_size)
 
   def chunk_fn(h_bch, tok_bc):
     z_bcv = jnp.einsum("bch,vh->bcv", h_bch, unembedding_vh, preferred_element_type=jnp.float32)
     return _logprob_entropy_of_logits(z_bcv, tok_bc, inv_t)
 
-  return _scan_time_chunks(chunk_fn, hidden_bth, tokens_bt, chunk)
+  return chunking.map_time_chunks(chunk_fn, (hidden_bth, tokens_bt), chunk, remat=True)

@@ -21,11 +21,11 @@ rejected tokens removed (including the loss's renormalisation by the kept tokens
 optimizer on those gradients, advances the shadow Adam moments (``moments="shadow"``) with the masked batch-mean
 per-row gradient carried by ``capo_aux``, and stores the mask statistics in the state for logging.
 
-Why this shape (issue 4's option (a), not the vjp/pullback option (b)): the mask must be known before the backward
-pass, and it only needs the forward's outputs plus the optimizer's state *before* the step, both of which the train
-step already holds. Masking inside the loss keeps every loss variant (clip, GSPO, CISPO, KL, entropy, each
-aggregation and its renormalisation) unchanged and exact, whereas masking logit cotangents inside the transform
-would have to re-derive each loss's per-token weights and normalisation. The transform stays an ordinary
+Why the mask is applied inside the loss rather than to the logit cotangents inside the transform: the mask must be
+known before the backward pass, and it only needs the forward's outputs plus the optimizer's state *before* the step,
+both of which the train step already holds. Masking inside the loss keeps every loss variant (clip, GSPO, CISPO, KL,
+entropy, each aggregation and its renormalisation) unchanged and exact, whereas masking logit cotangents inside the
+transform would have to re-derive each loss's per-token weights and normalisation. The transform stays an ordinary
 ``GradientTransformationExtraArgs`` over ordinary gradients, so clipping, schedules, ``optax.MultiSteps`` or weight
 decay compose around it as with ``optax.masked``.
 
@@ -43,6 +43,8 @@ be exact).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,12 +55,18 @@ import optax
 import optax.tree_utils as otu
 
 from capo_jax import curvature as cv
+from capo_jax import validation
 
 Array = jax.Array
 UnembeddingPredicate = Callable[[tuple[str, ...], Any], bool]
 
 METRIC_KEYS = (*cv.METRIC_KEYS, "learning_rate")
+MOMENTS = ("real", "shadow")  # whose Adam moments the direction model reads
 _TIED_NAMES = ("embed", "embedding", "embed_tokens")
+# What probing the inner optimizer's init on a one-leaf dummy tree may raise when that optimizer needs the real params
+# structure: tree-structure mismatches (ValueError), a labels/mask function reading a key, index or attribute the
+# dummy lacks (LookupError, AttributeError) or an operation on the wrong kind of leaf (TypeError).
+_PROBE_ERRORS = (ValueError, TypeError, LookupError, AttributeError)
 
 
 class ShadowAdamState(NamedTuple):
@@ -154,6 +162,199 @@ def _find_own_state(opt_state: Any) -> MaskedTransformState:
   return found[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """The validated arguments of ``masked_transform`` (see there), shared by its init, update and token_mask."""
+
+  tau_fisher: float
+  tau_hessian: float
+  learning_rate: float | optax.Schedule | None
+  top_k: int
+  direction: str
+  moments: str
+  unembedding_predicate: UnembeddingPredicate | None
+  hessian_rule: cv.HessianRule
+  granularity: cv.Granularity
+  temperature: float
+  b1: float | None
+  b2: float | None
+  eps: float | None
+  chunk_size: int
+
+  @property
+  def real_adam(self) -> bool:
+    """The direction model reads the inner optimizer's own Adam moments."""
+    return self.direction == "adam" and self.moments == "real"
+
+  @property
+  def shadow_adam(self) -> bool:
+    """The direction model reads the reference's shadow Adam moments kept in this transform's state."""
+    return self.direction == "adam" and self.moments == "shadow"
+
+
+def _check_inner_state(settings: _Settings, inner_state: Any, *, at_init: bool) -> None:
+  """The inner optimizer's state holds what the settings read: one Adam state (real moments), an η (no
+  ``learning_rate`` given)."""
+  where = "" if at_init else " (probed at construction)"
+  if settings.real_adam and len(_adam_states(inner_state)) != 1:
+    n = len(_adam_states(inner_state))
+    raise ValueError(f"direction='adam' with moments='real' reads the inner optimizer's Adam moments, but its state "
+                     f"holds {n} ScaleByAdamState{where}; wrap an Adam-family optimizer (optax.adam/adamw), or use "
+                     "moments='shadow' or direction='sgd'.")
+  if settings.learning_rate is None and _injected(inner_state, "learning_rate") is None:
+    raise ValueError(f"no learning rate for CAPO's η{where}: pass learning_rate= (float or schedule) or wrap the "
+                     "inner optimizer with optax.inject_hyperparams so its learning_rate is in the state.")
+
+
+def _probe_inner_state(inner: optax.GradientTransformation) -> Any | None:
+  """The inner state's shapes for a dummy one-leaf params tree, or None when the inner optimizer needs the real params
+  structure (then ``_check_inner_state`` runs at init instead). Any other error is a real one and propagates."""
+  try:
+    return jax.eval_shape(inner.init, {"lm_head": {"weight": jax.ShapeDtypeStruct((2, 2), jnp.float32)}})
+  except _PROBE_ERRORS:
+    return None
+
+
+def _adam_constants(settings: _Settings, inner_state: Any) -> tuple[Any, Any, Any]:
+  """(b1, b2, eps) of the direction model: as given, else the inner ``inject_hyperparams`` value, else optax's."""
+
+  def pick(given, name, default):
+    if given is not None:
+      return given
+    injected = _injected(inner_state, name)
+    return default if injected is None else injected
+
+  return pick(settings.b1, "b1", 0.9), pick(settings.b2, "b2", 0.999), pick(settings.eps, "eps", 1e-8)
+
+
+def _learning_rate(settings: _Settings, state: MaskedTransformState) -> Array:
+  """η of the modelled step: the float, the schedule at this transform's update count, or the injected value."""
+  if settings.learning_rate is None:
+    return jnp.asarray(_injected(state.inner_state, "learning_rate"))
+  if callable(settings.learning_rate):
+    return jnp.asarray(settings.learning_rate(state.count))
+  return jnp.asarray(settings.learning_rate)
+
+
+def _direction(settings: _Settings, state: MaskedTransformState, vocab: int, hidden: int) -> cv.DirectionModel:
+  """The direction model of the statistics, with the moments the settings read ([V,H] tables)."""
+  if settings.direction == "sgd":
+    return cv.SGDDirection()
+  c1, c2, e = _adam_constants(settings, state.inner_state)
+  if settings.moments == "shadow":
+    sh = state.shadow
+    return cv.AdamDirection(sh.mu, sh.nu, sh.count, c1, c2, e, moments_of_loss=False)
+  adam = _adam_states(state.inner_state)[0]
+  _, mu = find_unembedding(adam.mu, settings.unembedding_predicate)
+  _, nu = find_unembedding(adam.nu, settings.unembedding_predicate)
+  if mu.shape != (vocab, hidden):
+    raise ValueError(f"the unembedding moments have shape {mu.shape}, expected [V,H] = {(vocab, hidden)}; the "
+                     "unembedding parameter must be stored as [V,H] with logits = hidden @ W.T.")
+  return cv.AdamDirection(mu, nu, adam.count, c1, c2, e, moments_of_loss=True)
+
+
+def _init(settings: _Settings, inner: optax.GradientTransformationExtraArgs, params: Any) -> MaskedTransformState:
+  names, w_vh = find_unembedding(params, settings.unembedding_predicate)
+  validation.check_top_k(settings.top_k, w_vh.shape[0], where=f" of the unembedding {'/'.join(names)}")
+  inner_state = inner.init(params)
+  _check_inner_state(settings, inner_state, at_init=True)
+  if settings.real_adam:
+    _, mu_vh = find_unembedding(_adam_states(inner_state)[0].mu, settings.unembedding_predicate)
+    if mu_vh.shape != w_vh.shape:
+      raise ValueError(f"the inner Adam moments of the unembedding have shape {mu_vh.shape}, not the parameter's "
+                       f"{w_vh.shape}; use moments='shadow' for an optimizer that stores factored moments.")
+  if settings.shadow_adam:
+    dtype = jnp.promote_types(w_vh.dtype, jnp.float32)
+    shadow = ShadowAdamState(jnp.zeros([], jnp.int32), jnp.zeros(w_vh.shape, dtype), jnp.zeros(w_vh.shape, dtype))
+  else:
+    shadow = optax.EmptyState()
+  metrics = {k: jnp.zeros([], jnp.float32) for k in METRIC_KEYS}
+  return MaskedTransformState(jnp.zeros([], jnp.int32), inner_state, shadow, metrics)
+
+
+def _mask_inputs(settings: _Settings, opt_state: Any, hidden_bth: Array) -> tuple[MaskedTransformState, Array, Array]:
+  """This transform's state and the hidden states, both stop-gradient'ed, and η."""
+  state = jax.lax.stop_gradient(_find_own_state(opt_state))
+  return state, jax.lax.stop_gradient(hidden_bth), _learning_rate(settings, state)
+
+
+def _mask_and_aux(settings: _Settings, stats: cv.CurvatureStatistics, eta: Array, hidden_bth: Array,
+                  advantages_b: Array, completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+  """The shared tail of both entry points: the statistics' mask rules × the completion mask, and the ``CapoAux``."""
+  mask = cv.curvature_mask(stats.m_hessian, stats.m_fisher, tau_fisher=settings.tau_fisher,
+                           tau_hessian=settings.tau_hessian, hessian_rule=settings.hessian_rule)
+  completion = completion_mask_bt > 0
+  valid = {"token": completion, "sentence": jnp.any(completion, axis=1),
+           "global": jnp.any(completion)}[settings.granularity]
+  metrics = cv.mask_metrics(stats.m_hessian, stats.m_fisher, mask, valid)
+  metrics["learning_rate"] = eta.astype(jnp.float32)
+  final_bt = (cv.broadcast_to_tokens(mask.keep, completion.shape) & completion).astype(jnp.float32)
+  return final_bt, CapoAux(final_bt, metrics, stats.m_hessian, stats.m_fisher, hidden_bth, stats.top_k,
+                           jax.lax.stop_gradient(advantages_b))
+
+
+def _token_mask(settings: _Settings, opt_state: Any, hidden_bth: Array, logits_btv: Array, tokens_bt: Array,
+                advantages_b: Array, completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+  """``MaskedTransformation.token_mask``."""
+  chex.assert_rank([hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt], [3, 3, 2, 1, 2])
+  state, hidden_bth, eta = _mask_inputs(settings, opt_state, hidden_bth)
+  stats = cv.curvature_statistics(
+      hidden_bth, jax.lax.stop_gradient(logits_btv), tokens_bt, jax.lax.stop_gradient(advantages_b),
+      completion_mask_bt, top_k=settings.top_k, learning_rate=eta,
+      direction=_direction(settings, state, logits_btv.shape[-1], hidden_bth.shape[-1]),
+      granularity=settings.granularity, temperature=settings.temperature, chunk_size=settings.chunk_size)
+  return _mask_and_aux(settings, stats, eta, hidden_bth, advantages_b, completion_mask_bt)
+
+
+def _token_mask_from_hidden(settings: _Settings, opt_state: Any, hidden_bth: Array, unembedding_vh: Array,
+                            tokens_bt: Array, advantages_b: Array,
+                            completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+  """``MaskedTransformation.token_mask_from_hidden``."""
+  chex.assert_rank([hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 2, 1, 2])
+  state, hidden_bth, eta = _mask_inputs(settings, opt_state, hidden_bth)
+  stats = cv.curvature_statistics_from_hidden(
+      hidden_bth, jax.lax.stop_gradient(unembedding_vh), tokens_bt, jax.lax.stop_gradient(advantages_b),
+      completion_mask_bt, top_k=settings.top_k, learning_rate=eta,
+      direction=_direction(settings, state, unembedding_vh.shape[0], hidden_bth.shape[-1]),
+      granularity=settings.granularity, temperature=settings.temperature, chunk_size=settings.chunk_size)
+  return _mask_and_aux(settings, stats, eta, hidden_bth, advantages_b, completion_mask_bt)
+
+
+def _advance_shadow(settings: _Settings, shadow: ShadowAdamState, inner_state: Any,
+                    capo_aux: CapoAux | None) -> ShadowAdamState:
+  """The reference's shadow Adam step on the masked batch-mean per-row top-K gradient of the objective."""
+  if capo_aux is None:
+    raise ValueError("moments='shadow' updates its moments from the step's mask: call "
+                     "tx.update(grads, opt_state, params, capo_aux=aux) with the aux returned by token_mask.")
+  c1, c2, _ = _adam_constants(settings, inner_state)
+  b, t, h = capo_aux.hidden_bth.shape
+  flat = lambda x: x.reshape(b * t, *x.shape[2:])
+  mask_n = flat(capo_aux.mask_bt)
+  top = capo_aux.top_k
+  g_vh = cv.unembedding_gradient(
+      flat(capo_aux.hidden_bth), flat(top.probs_btk), flat(top.onehot_btk), flat(top.ids_btk),
+      jnp.repeat(capo_aux.advantages_b, t), mask_n / jnp.maximum(jnp.sum(mask_n), 1.0), shadow.mu.shape[0],
+      chunk_size=settings.chunk_size).astype(shadow.mu.dtype)
+  return ShadowAdamState(
+      optax.safe_increment(shadow.count),
+      (1.0 - c1) * g_vh + c1 * shadow.mu,
+      (1.0 - c2) * jnp.square(g_vh) + c2 * shadow.nu)
+
+
+def _update(settings: _Settings, inner: optax.GradientTransformationExtraArgs, updates: optax.Updates,
+            state: MaskedTransformState, params: optax.Params | None = None, *, capo_aux: CapoAux | None = None,
+            **extra_args) -> tuple[optax.Updates, MaskedTransformState]:
+  """The inner optimizer's update of the (already masked) gradients; the shadow moments and metrics advance."""
+  inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+  shadow = state.shadow
+  if isinstance(shadow, ShadowAdamState):
+    shadow = _advance_shadow(settings, shadow, state.inner_state, capo_aux)
+  metrics = state.metrics
+  if capo_aux is not None:
+    metrics = {k: jnp.asarray(capo_aux.metrics[k], jnp.float32) for k in METRIC_KEYS}
+  return inner_updates, MaskedTransformState(optax.safe_increment(state.count), inner_state, shadow, metrics)
+
+
 class MaskedTransformation(optax.GradientTransformationExtraArgs):
   """``optax.GradientTransformationExtraArgs`` plus ``token_mask`` (see the module docstring for the contract)."""
 
@@ -164,15 +365,16 @@ class MaskedTransformation(optax.GradientTransformationExtraArgs):
     Pure and jit-able; reads only ``opt_state`` (the whole chain's state or this transform's) and stop-gradient'ed
     forward outputs. ``logits_btv[:, t]`` / ``hidden_bth[:, t]`` must be those that sampled ``tokens_bt[:, t]``.
     """
-    return self._token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt)
+    return _token_mask(self._settings, opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b,
+                       completion_mask_bt)
 
   def token_mask_from_hidden(self, opt_state: Any, hidden_bth: Array, unembedding_vh: Array, tokens_bt: Array,
                              advantages_b: Array, completion_mask_bt: Array) -> tuple[Array, CapoAux]:
     """``token_mask`` with the logits z = h Wᵀ formed one time chunk at a time from the final hidden states and the
     [V, H] unembedding: the same mask without a [B, T, V] array (the step's loss can then use
     ``capo_jax.token_logprobs_from_hidden`` and never hold the full logits either)."""
-    return self._token_mask_from_hidden_fn(opt_state, hidden_bth, unembedding_vh, tokens_bt, advantages_b,
-                                           completion_mask_bt)
+    return _token_mask_from_hidden(self._settings, opt_state, hidden_bth, unembedding_vh, tokens_bt, advantages_b,
+                                   completion_mask_bt)
 
 
 def masked_transform(
@@ -193,7 +395,7 @@ def masked_transform(
     eps: float | None = None,
     chunk_size: int = 256,
 ) -> MaskedTransformation:
-  """Wraps ``inner`` so that the train step can mask CAPO-rejected tokens (CAPO.md §2) before its backward pass.
+  """Wraps ``inner`` so that the train step can mask CAPO-rejected tokens (docs/MATH.md §2) before its backward pass.
 
   Args:
     inner: the optimizer whose step is modelled (normally ``optax.adam``/``adamw``, possibly inject_hyperparams).
@@ -216,159 +418,18 @@ def masked_transform(
     A ``MaskedTransformation``: an ``optax.GradientTransformationExtraArgs`` whose ``update`` accepts the extra arg
     ``capo_aux`` (required with ``moments="shadow"``), plus the method ``token_mask``.
   """
-  cv._check_positive("tau_fisher", tau_fisher)
-  cv._check_positive("tau_hessian", tau_hessian)
-  cv._check_rule(hessian_rule)
-  if direction not in ("adam", "sgd"):
-    raise ValueError(f"direction must be 'adam' or 'sgd', got {direction!r}.")
-  if moments not in ("real", "shadow"):
-    raise ValueError(f"moments must be 'real' or 'shadow', got {moments!r}.")
-  if granularity not in cv._GRANULARITIES:
-    raise ValueError(f"granularity must be one of {cv._GRANULARITIES}, got {granularity!r}.")
-  if not isinstance(top_k, int) or top_k < 1:
-    raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
+  validation.check_mask_setting(tau_fisher=tau_fisher, tau_hessian=tau_hessian, hessian_rule=hessian_rule,
+                                granularity=granularity, direction=direction, top_k=top_k)
+  validation.check_one_of("moments", moments, MOMENTS)
   if learning_rate is not None and not callable(learning_rate):
-    cv._check_positive("learning_rate", learning_rate)
+    validation.check_positive("learning_rate", learning_rate, "CAPO's η, the step size of the modelled update")
+  settings = _Settings(tau_fisher, tau_hessian, learning_rate, top_k, direction, moments, unembedding_predicate,
+                       hessian_rule, granularity, temperature, b1, b2, eps, chunk_size)
   inner = optax.with_extra_args_support(inner)
-  real_adam = direction == "adam" and moments == "real"
-
-  def check_inner_state(inner_state, *, at_init):
-    where = "" if at_init else " (probed at construction)"
-    if real_adam and len(_adam_states(inner_state)) != 1:
-      n = len(_adam_states(inner_state))
-      raise ValueError(f"direction='adam' with moments='real' reads the inner optimizer's Adam moments, but its state "
-                       f"holds {n} ScaleByAdamState{where}; wrap an Adam-family optimizer (optax.adam/adamw), or use "
-                       "moments='shadow' or direction='sgd'.")
-    if learning_rate is None and _injected(inner_state, "learning_rate") is None:
-      raise ValueError(f"no learning rate for CAPO's η{where}: pass learning_rate= (float or schedule) or wrap the "
-                       "inner optimizer with optax.inject_hyperparams so its learning_rate is in the state.")
-
-  # Construction-time probe on a dummy parameter; optimizers that need a specific params structure are checked at init.
-  try:
-    probe = jax.eval_shape(inner.init, {"lm_head": {"weight": jax.ShapeDtypeStruct((2, 2), jnp.float32)}})
-  except Exception:  # pylint: disable=broad-except
-    probe = None
+  # Checked now on a dummy params tree when the inner optimizer allows it, else at init on the real params.
+  probe = _probe_inner_state(inner)
   if probe is not None:
-    check_inner_state(probe, at_init=False)
-
-  def adam_constants(inner_state):
-    def pick(given, name, default):
-      if given is not None:
-        return given
-      injected = _injected(inner_state, name)
-      return default if injected is None else injected
-    return pick(b1, "b1", 0.9), pick(b2, "b2", 0.999), pick(eps, "eps", 1e-8)
-
-  def init_fn(params):
-    names, w_vh = find_unembedding(params, unembedding_predicate)
-    vocab = w_vh.shape[0]
-    if top_k > vocab:
-      raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab} of the unembedding {'/'.join(names)}; "
-                       "use top_k <= vocab_size.")
-    inner_state = inner.init(params)
-    check_inner_state(inner_state, at_init=True)
-    if real_adam:
-      _, mu_vh = find_unembedding(_adam_states(inner_state)[0].mu, unembedding_predicate)
-      if mu_vh.shape != w_vh.shape:
-        raise ValueError(f"the inner Adam moments of the unembedding have shape {mu_vh.shape}, not the parameter's "
-                         f"{w_vh.shape}; use moments='shadow' for an optimizer that stores factored moments.")
-    if direction == "adam" and moments == "shadow":
-      dtype = jnp.promote_types(w_vh.dtype, jnp.float32)
-      shadow = ShadowAdamState(jnp.zeros([], jnp.int32), jnp.zeros(w_vh.shape, dtype), jnp.zeros(w_vh.shape, dtype))
-    else:
-      shadow = optax.EmptyState()
-    metrics = {k: jnp.zeros([], jnp.float32) for k in METRIC_KEYS}
-    return MaskedTransformState(jnp.zeros([], jnp.int32), inner_state, shadow, metrics)
-
-  def eta_of(state: MaskedTransformState) -> Array:
-    if learning_rate is None:
-      return jnp.asarray(_injected(state.inner_state, "learning_rate"))
-    if callable(learning_rate):
-      return jnp.asarray(learning_rate(state.count))
-    return jnp.asarray(learning_rate)
-
-  def direction_of(state: MaskedTransformState, vocab: int, hidden: int) -> cv.DirectionModel:
-    if direction == "sgd":
-      return cv.SGDDirection()
-    c1, c2, e = adam_constants(state.inner_state)
-    if moments == "shadow":
-      sh = state.shadow
-      return cv.AdamDirection(sh.mu, sh.nu, sh.count, c1, c2, e, moments_of_loss=False)
-    adam = _adam_states(state.inner_state)[0]
-    _, mu = find_unembedding(adam.mu, unembedding_predicate)
-    _, nu = find_unembedding(adam.nu, unembedding_predicate)
-    if mu.shape != (vocab, hidden):
-      raise ValueError(f"the unembedding moments have shape {mu.shape}, expected [V,H] = {(vocab, hidden)}; the "
-                       "unembedding parameter must be stored as [V,H] with logits = hidden @ W.T.")
-    return cv.AdamDirection(mu, nu, adam.count, c1, c2, e, moments_of_loss=True)
-
-  def masked(opt_state, hidden_bth, advantages_b, completion_mask_bt, statistics):
-    """Shared tail of both entry points: ``statistics(state, eta, hidden)`` → the mask and its ``CapoAux``."""
-    state = jax.lax.stop_gradient(_find_own_state(opt_state))
-    hidden_bth = jax.lax.stop_gradient(hidden_bth)
-    eta = eta_of(state)
-    stats = statistics(state, eta, hidden_bth)
-    mask = cv.curvature_mask(stats.m_hessian, stats.m_fisher, tau_fisher=tau_fisher, tau_hessian=tau_hessian,
-                             hessian_rule=hessian_rule)
-    completion = completion_mask_bt > 0
-    valid = {"token": completion, "sentence": jnp.any(completion, axis=1), "global": jnp.any(completion)}[granularity]
-    metrics = cv.mask_metrics(stats.m_hessian, stats.m_fisher, mask, valid)
-    metrics["learning_rate"] = eta.astype(jnp.float32)
-    final_bt = (cv.broadcast_to_tokens(mask.keep, completion.shape) & completion).astype(jnp.float32)
-    return final_bt, CapoAux(final_bt, metrics, stats.m_hessian, stats.m_fisher, hidden_bth, stats.top_k,
-                             jax.lax.stop_gradient(advantages_b))
-
-  def token_mask_fn(opt_state, hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt):
-    chex.assert_rank([hidden_bth, logits_btv, tokens_bt, advantages_b, completion_mask_bt], [3, 3, 2, 1, 2])
-
-    def statistics(state, eta, hidden):
-      return cv.curvature_statistics(
-          hidden, jax.lax.stop_gradient(logits_btv), tokens_bt, jax.lax.stop_gradient(advantages_b),
-          completion_mask_bt, top_k=top_k, learning_rate=eta,
-          direction=direction_of(state, logits_btv.shape[-1], hidden.shape[-1]), granularity=granularity,
-          temperature=temperature, chunk_size=chunk_size)
-
-    return masked(opt_state, hidden_bth, advantages_b, completion_mask_bt, statistics)
-
-  def token_mask_from_hidden_fn(opt_state, hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt):
-    chex.assert_rank([hidden_bth, unembedding_vh, tokens_bt, advantages_b, completion_mask_bt], [3, 2, 2, 1, 2])
-
-    def statistics(state, eta, hidden):
-      return cv.curvature_statistics_from_hidden(
-          hidden, jax.lax.stop_gradient(unembedding_vh), tokens_bt, jax.lax.stop_gradient(advantages_b),
-          completion_mask_bt, top_k=top_k, learning_rate=eta,
-          direction=direction_of(state, unembedding_vh.shape[0], hidden.shape[-1]), granularity=granularity,
-          temperature=temperature, chunk_size=chunk_size)
-
-    return masked(opt_state, hidden_bth, advantages_b, completion_mask_bt, statistics)
-
-  def update_fn(updates, state, params=None, *, capo_aux: CapoAux | None = None, **extra_args):
-    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    shadow = state.shadow
-    if isinstance(shadow, ShadowAdamState):
-      if capo_aux is None:
-        raise ValueError("moments='shadow' updates its moments from the step's mask: call "
-                         "tx.update(grads, opt_state, params, capo_aux=aux) with the aux returned by token_mask.")
-      c1, c2, _ = adam_constants(state.inner_state)
-      b, t, h = capo_aux.hidden_bth.shape
-      flat = lambda x: x.reshape(b * t, *x.shape[2:])
-      mask_n = flat(capo_aux.mask_bt)
-      top = capo_aux.top_k
-      # Masked batch-mean per-row gradient of the objective on the top-K rows (the reference's shadow input).
-      g_vh = cv.unembedding_gradient(
-          flat(capo_aux.hidden_bth), flat(top.probs_btk), flat(top.onehot_btk), flat(top.ids_btk),
-          jnp.repeat(capo_aux.advantages_b, t), mask_n / jnp.maximum(jnp.sum(mask_n), 1.0), shadow.mu.shape[0],
-          chunk_size=chunk_size).astype(shadow.mu.dtype)
-      shadow = ShadowAdamState(
-          optax.safe_increment(shadow.count),
-          (1.0 - c1) * g_vh + c1 * shadow.mu,
-          (1.0 - c2) * jnp.square(g_vh) + c2 * shadow.nu)
-    metrics = state.metrics
-    if capo_aux is not None:
-      metrics = {k: jnp.asarray(capo_aux.metrics[k], jnp.float32) for k in METRIC_KEYS}
-    return inner_updates, MaskedTransformState(optax.safe_increment(state.count), inner_state, shadow, metrics)
-
-  tx = MaskedTransformation(init_fn, update_fn)
-  tx._token_mask_fn = token_mask_fn  # NamedTuple subclasses without __slots__ carry a __dict__.
-  tx._token_mask_from_hidden_fn = token_mask_from_hidden_fn
+    _check_inner_state(settings, probe, at_init=False)
+  tx = MaskedTransformation(functools.partial(_init, settings, inner), functools.partial(_update, settings, inner))
+  tx._settings = settings  # pylint: disable=protected-access  (NamedTuple subclasses without __slots__ have a __dict__)
   return tx

@@ -1,8 +1,7 @@
 """A curvature trust region on the whole step: scale the optimizer's update so its predicted mean KL stays ≤ δ.
 
-Source: ``../shared/CAPO.md`` §5. In the first miniature this was the only curvature intervention that kept training
-stable at a collapsing learning rate (5× the stable one): masking tokens or groups only rotates an Adam step whose
-size is fixed by the learning rate, while this controls the size of the step itself.
+Derivation: ``docs/MATH.md`` §5. Masking tokens or groups only changes the direction of an Adam step whose size is set
+by the learning rate; this controls the size of the step itself.
 
 For a proposed update Δθ (all parameters, learning rate included) and the batch's completion tokens:
 
@@ -11,7 +10,7 @@ For a proposed update Δθ (all parameters, learning rate included) and the batc
     Δθ'         = s · Δθ,        so KL_pred(Δθ') = s² KL_pred(Δθ) = min(KL_pred(Δθ), δ)
 
 KL_pred is the second-order expansion of the mean KL(π_θ ‖ π_{θ+Δθ}); for large steps it can over- or under-shoot the
-exact KL (the miniature saw 1.8–3.7× overshoot), so δ is a knob on the model's scale, not a guarantee.
+exact KL (docs/RESULTS.md), so δ is a knob on the model's scale, not a guarantee.
 
 As an optax transformation, ``trust_region_transform(inner, max_kl=δ, logits_fn=...)`` wraps the optimizer whose
 update it limits. Contract of ``update(grads, state, params, *, batch, **extra)``:
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from capo_jax import validation
 from capo_jax.curvature_full import LogitsFn, predicted_mean_kl
 
 Array = jax.Array
@@ -48,15 +48,6 @@ def trust_region_scale(predicted_kl: Array, max_kl: float | Array) -> Array:
   kl = kl.astype(jnp.promote_types(kl.dtype, jnp.float32))
   ratio = jnp.asarray(max_kl, kl.dtype) / jnp.maximum(kl, jnp.finfo(kl.dtype).tiny)
   return jnp.where(kl > max_kl, jnp.sqrt(ratio), 1.0).astype(kl.dtype)
-
-
-def _check_max_kl(max_kl: float) -> None:
-  try:
-    value = float(max_kl)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return  # a traced budget (e.g. a schedule inside jit) cannot be checked here
-  if not value > 0:
-    raise ValueError(f"max_kl must be > 0 (the predicted mean-KL budget δ per step, e.g. 1e-3); got {max_kl}.")
 
 
 def trust_region_step(
@@ -73,7 +64,7 @@ def trust_region_step(
 
   Returns ``(scaled_update, predicted_kl_of_the_unscaled_update, scale)``.
   """
-  _check_max_kl(max_kl)
+  validation.check_max_kl(max_kl)
   kl = predicted_mean_kl(logits_fn, params, batch, update, completion_mask_bt, temperature=temperature)
   scale = trust_region_scale(kl, max_kl)
   return jax.tree.map(lambda u: (u * scale).astype(u.dtype), update), kl, scale
@@ -122,11 +113,10 @@ def trust_region_transform(
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"inner must be an optax.GradientTransformation (e.g. optax.adam(1e-4)), got {type(inner)}.")
-  _check_max_kl(max_kl)
+  validation.check_max_kl(max_kl)
   if not callable(logits_fn):
     raise TypeError("logits_fn must be a callable (params, batch) -> logits_btv.")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  validation.check_temperature(temperature)
   inner = optax.with_extra_args_support(inner)
   mask_fn = completion_mask_fn or _default_completion_mask
 

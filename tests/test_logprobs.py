@@ -1,4 +1,5 @@
-"""Per-token log-probs/entropies: hand values, chunking equivalence, fused unembedding, memory bound."""
+"""Per-token log-probs/entropies: hand values, chunking equivalence, fused unembedding, memory bound; and the
+time-chunking helpers they share with CAPO's mask (capo_jax.ops.chunking)."""
 
 import math
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import capo_jax
+from capo_jax.ops import chunking
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -93,3 +95,47 @@ def test_bad_input():
     capo_jax.token_logprobs_from_hidden(jnp.zeros((2, 3, 4)), jnp.zeros((4, 5)), jnp.zeros((2, 3), jnp.int32))
   with pytest.raises(ValueError, match="chunk_size"):
     capo_jax.token_logprobs(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), chunk_size=0)
+
+
+def test_auto_chunk_rule_by_hand():
+  """The one chunk-length rule of the loss and CAPO's mask: the caller's size capped at T, else the most time steps
+  whose [B, chunk, V] block holds ≤ AUTO_CHUNK_ELEMENTS (2²⁴) elements, at least one."""
+  assert chunking.AUTO_CHUNK_ELEMENTS == 1 << 24
+  assert chunking.auto_chunk(2, 100, 1 << 20, None) == 8  # 2²⁴ / (2 · 2²⁰)
+  assert chunking.auto_chunk(1, 5, 10, None) == 5  # everything fits: one chunk of all T
+  assert chunking.auto_chunk(4, 10, 1 << 25, None) == 1  # one step is already over the budget
+  assert chunking.auto_chunk(2, 10, 3, 4) == 4
+  assert chunking.auto_chunk(2, 3, 5, 8) == 3
+  with pytest.raises(ValueError, match="chunk_size"):
+    chunking.auto_chunk(2, 3, 5, 0)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_map_time_chunks_equals_the_unchunked_function(remat):
+  """A pytree-valued fn over T = 7 in chunks of 3 (two full chunks through lax.map, a remainder of 1) equals fn on the
+  whole arrays, values and gradients, with or without rematerialisation; fn only ever sees chunk-length slices."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3))
+  y = jax.random.normal(jax.random.PRNGKey(1), (2, 7))
+  seen = []
+
+  def fn(x_bch, y_bc):
+    seen.append(x_bch.shape[1])
+    return {"a": jnp.sin(x_bch) * y_bc[..., None], "b": (jnp.sum(x_bch**2, axis=-1),)}
+
+  whole = fn(x, y)
+  seen.clear()
+  chunked = chunking.map_time_chunks(fn, (x, y), 3, remat=remat)
+  assert sorted(set(seen)) == [1, 3]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, whole)
+  loss = lambda f: lambda x: jnp.sum(f(x)["a"]) + jnp.sum(f(x)["b"][0] * y)
+  g_whole = jax.grad(loss(lambda x: fn(x, y)))(x)
+  g_chunked = jax.grad(loss(lambda x: chunking.map_time_chunks(fn, (x, y), 3, remat=remat)))(x)
+  np.testing.assert_allclose(g_chunked, g_whole, rtol=1e-6)
+
+
+def test_pad_to_chunks_by_hand():
+  np.testing.assert_array_equal(chunking.pad_to_chunks(jnp.arange(5), 2), [[0, 1], [2, 3], [4, 0]])
+  x = jnp.arange(10.0).reshape(5, 2)
+  got = chunking.pad_to_chunks(x, 5)
+  assert got.shape == (1, 5, 2)
+  np.testing.assert_array_equal(got[0], x)

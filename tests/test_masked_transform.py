@@ -9,8 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from capo_jax import curvature as cv
-from capo_jax import logprobs
 from capo_jax.masked_transform import MaskedTransformState, find_unembedding, masked_transform
+from capo_jax.ops import chunking
 
 V, H, B, T, K = 13, 8, 4, 6, 5
 
@@ -103,6 +103,38 @@ def test_init_errors():
   tx = masked_transform(multi, tau_fisher=1e-4, tau_hessian=1e-2, learning_rate=1e-3, top_k=K)
   with pytest.raises(ValueError, match="ScaleByAdamState"):
     tx.init(_params())
+
+
+def test_construction_probe_defers_structure_errors_and_raises_real_ones():
+  """The construction-time probe (the inner init on a dummy params tree) defers to init only the errors of an
+  optimizer that needs the real params structure (a labels function reading a key the dummy lacks: KeyError); an
+  error of another kind raised by the inner init — a bug — propagates from the construction instead of being hidden."""
+
+  def labels(p):  # reads the real structure: KeyError on the probe's dummy tree
+    return {"embed": {"embedding": "a"}, "mlp": jax.tree.map(lambda _: "a", p["mlp"]), "lm_head": {"weight": "b"}}
+
+  by_labels = optax.multi_transform({"a": optax.sgd(1e-3), "b": optax.adam(1e-3)}, labels)
+  tx = masked_transform(by_labels, tau_fisher=1e-4, tau_hessian=1e-2, learning_rate=1e-3, top_k=K)
+  state = tx.init(_params())  # checked here instead: exactly one ScaleByAdamState, on the unembedding
+  assert state.inner_state is not None
+
+  class InnerBug(RuntimeError):
+    pass
+
+  def buggy_init(params):
+    del params
+    raise InnerBug("bug in the inner optimizer's init")
+
+  buggy = optax.GradientTransformation(buggy_init, optax.identity().update)
+  with pytest.raises(InnerBug, match="bug in the inner"):
+    masked_transform(buggy, tau_fisher=1e-4, tau_hessian=1e-2, learning_rate=1e-3, direction="sgd")
+
+  def dividing_init(params):
+    return 1 // 0
+
+  with pytest.raises(ZeroDivisionError):
+    masked_transform(optax.GradientTransformation(dividing_init, optax.identity().update), tau_fisher=1e-4,
+                     tau_hessian=1e-2, learning_rate=1e-3, direction="sgd")
 
 
 def test_find_unembedding_untied_and_tied():
@@ -264,7 +296,7 @@ def test_token_mask_from_hidden_equals_token_mask(logits_chunk, monkeypatch):
   tau_h = float(jnp.median(jnp.abs(aux.m_hessian[mask > 0])))  # a mask that really rejects tokens
   capo = masked_transform(optax.adam(0.05), tau_fisher=1e9, tau_hessian=tau_h, learning_rate=0.05, top_k=K)
   if logits_chunk is not None:
-    monkeypatch.setattr(logprobs, "_AUTO_CHUNK_ELEMENTS", B * V * logits_chunk)
+    monkeypatch.setattr(chunking, "AUTO_CHUNK_ELEMENTS", B * V * logits_chunk)
   want_mask, want = jax.jit(capo.token_mask)(opt_state, hidden, logits, tokens[:, 1:], adv, mask)
   got_mask, got = jax.jit(capo.token_mask_from_hidden)(
       opt_state, hidden, params["lm_head"]["weight"], tokens[:, 1:], adv, mask)

@@ -1,0 +1,253 @@
+"""Exact top-K over the last axis: ``jax.lax.top_k``'s result without sorting whole rows on XLA:CPU.
+
+XLA:CPU's TopK is a per-row partial sort of the V indices with a comparator, so its cost is the heap work on the
+finite entries. Both functions here first find, per row, a value lo ≤ the k-th largest entry with few entries ≥ lo,
+so that only those candidates matter:
+
+* lower bound by bisection on group maxima — split the row into G ≥ 2k groups; if ≥ k group maxima are ≥ t then ≥ k
+  entries are, so a bisection of t on the [N, G] maxima that keeps #{maxima ≥ lo} ≥ k lands near the k-th largest
+  maximum (``_top_k_group_bound``); bisection steps on the whole rows tighten it where needed
+  (``_top_k_lower_bound``, and the ``while_loop`` of ``top_k_set``);
+* ``top_k`` (ordered, bit-identical to ``lax.top_k``): every entry below lo becomes −∞ and ``lax.top_k`` sorts the
+  ≈ k finite entries left (the k largest are all ≥ lo, so the result is unchanged);
+* ``top_k_set`` (the same (value, id) pairs as a set): the candidates x ≥ lo are compacted into ``capacity`` columns
+  by a bit-packed select (``_compact``: 32 flags per word, running popcounts, a 5-step binary search inside the
+  word), each candidate's exact rank among its row's candidates is counted (ties by lower id, in XLA's float order
+  −0.0 < 0.0, NaN above +∞) and the k of rank < k are compacted again — elementwise passes only, no sort, no scatter;
+* fallback — if a needed row still has more than ``capacity`` candidates (heavy ties) or holds a NaN, the whole call
+  takes the exact ``top_k`` (``lax.cond``), so the result always equals ``lax.top_k``'s.
+
+Off the CPU backend, or when V is only a few times k, both call ``jax.lax.top_k`` directly. The measured costs are in
+``docs/PERFORMANCE.md``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _group_size(v: int, k: int) -> int:
+  """Entries per group for the group-maxima bounds: at most V // k (so there are ≥ k groups), preferably a divisor of
+  V (then the row reshapes into groups without a copy instead of slicing off a remainder)."""
+  size = max(v // k, 1)
+  divisor = max(d for d in range(1, size + 1) if v % d == 0)
+  return divisor if 2 * divisor >= size else size
+
+
+def _top_k_initial_bracket(z_nv: Array, k: int) -> tuple[Array, Array]:
+  """Per row (lo, hi) with #{z ≥ lo} ≥ k and hi = row max: split the row into G ≥ k groups; the smallest group maximum
+  has ≥ G ≥ k entries at or above it. (NaN rows: undefined; XLA:CPU's max does not reliably propagate NaN.)"""
+  n, v = z_nv.shape
+  size = _group_size(v, k)
+  groups = v // size
+  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, groups, size), axis=-1)
+  hi = jnp.max(group_max, axis=-1)
+  if groups * size < v:
+    hi = jnp.maximum(hi, jnp.max(z_nv[:, groups * size:], axis=-1))
+  return jnp.min(group_max, axis=-1), hi
+
+
+def _top_k_group_bound(z_nv: Array, k: int, steps: int = 10) -> tuple[Array, Array]:
+  """Per row (lo, hi): lo ≤ the k-th largest entry, close to it, found on group maxima only; hi = row max.
+
+  The row splits into G ≥ 2k groups (``_group_size``); if ≥ k group maxima are ≥ t then ≥ k entries are, so a
+  bisection of t on the [N, G] maxima (``steps`` cheap passes, G ≈ V/8 elements) keeping #{maxima ≥ lo} ≥ k lands near
+  the k-th largest maximum: far fewer passes over the full rows than bisection on the rows themselves for the same
+  number of candidates left (docs/PERFORMANCE.md).
+  """
+  n, v = z_nv.shape
+  size = _group_size(v, 2 * k)
+  groups = v // size
+  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, groups, size), axis=-1)
+  lo, hi = jnp.min(group_max, axis=-1), jnp.max(group_max, axis=-1)
+  if groups * size < v:
+    hi = jnp.maximum(hi, jnp.max(z_nv[:, groups * size:], axis=-1))
+  top = hi
+  for _ in range(steps):
+    mid = lo + 0.5 * (hi - lo)
+    enough = jnp.sum((~(group_max < mid[:, None])).astype(jnp.int32), axis=-1) >= k
+    lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+  return lo, top
+
+
+def _count_at_least(z_nv: Array, threshold_n: Array) -> Array:
+  """#{z ≥ threshold or z = NaN} per row (int32), as #{not z < threshold}. Summed in two stages when V splits into
+  32-wide columns: XLA:CPU fuses that into one pass, faster than a single sum of the comparison."""
+  n, v = z_nv.shape
+  hits = (~(z_nv < threshold_n[:, None])).astype(jnp.int32)
+  if v % 32 == 0 and v > 32:
+    return jnp.sum(jnp.sum(hits.reshape(n, v // 32, 32), axis=1), axis=-1)
+  return jnp.sum(hits, axis=-1)
+
+
+def _top_k_lower_bound(z_nv: Array, k: int, bisection_steps: int) -> Array:
+  """A per-row value ``lo`` with at least ``k`` entries ``≥ lo``, as close below the k-th largest as cheaply found.
+
+  ``_top_k_initial_bracket``, then ``bisection_steps`` halvings of [lo, row max] that keep the invariant
+  #{z ≥ lo} ≥ k. Rows holding a NaN get −∞.
+  """
+  lo, hi = _top_k_initial_bracket(z_nv, k)
+  for _ in range(bisection_steps):
+    mid = lo + 0.5 * (hi - lo)
+    enough = _count_at_least(z_nv, mid) >= k
+    lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+  return jnp.where(jnp.any(jnp.isnan(z_nv), axis=-1), -jnp.inf, lo)
+
+
+def _use_cpu_path(v: int, k: int, enabled: bool | None, min_ratio: int = 16) -> bool:
+  """Whether a CPU path replaces ``lax.top_k``: ``enabled``, or by default on the CPU backend when V ≥ min_ratio·K
+  (the prefilter: 16, below which its extra passes cost more than the sort saves; the set selection: 4)."""
+  if enabled is None:
+    enabled = jax.default_backend() == "cpu" and v >= min_ratio * k
+  return bool(enabled) and v >= 2 * k
+
+
+def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | None = None,
+          bisection_steps: int = 3) -> tuple[Array, Array]:
+  """``jax.lax.top_k(x, k)`` over the last axis, bit-identical (values, ids and their order, ties by lower id).
+
+  XLA:CPU's TopK is a per-row ``std::partial_sort`` of the indices with a comparator, so its cost is mostly the heap
+  work on the finite candidates. The ``prefilter`` path first replaces every entry below a cheap lower bound of the
+  k-th largest value (``_top_k_lower_bound``: group maxima + a few bisection steps, ~5 vectorised passes over the
+  row) by −∞: the k largest entries are all ≥ that bound, so the result is unchanged, and the sort then sees ~k finite
+  values. Default: prefilter on the CPU backend when V ≥ 16·k (below that the extra passes cost more than the sort
+  saves); elsewhere the backend's own TopK. When the order of the k entries does not matter, ``top_k_set`` is faster
+  still.
+
+  ``where`` (boolean, ``x.shape[:-1]``): rows whose result is not needed (padding positions). With the prefilter
+  their row is all −∞, which XLA:CPU sorts much faster; their result is then ids 0…k−1 with values 0 (finite, so
+  downstream arithmetic stays NaN-free). Without the prefilter ``where`` is ignored (every row exact).
+  """
+  v = x.shape[-1]
+  if not _use_cpu_path(v, k, prefilter):
+    return jax.lax.top_k(x, k)
+  lead = x.shape[:-1]
+  z = x.reshape(-1, v)
+  neg_inf = jnp.asarray(-jnp.inf, z.dtype)
+  lo = _top_k_lower_bound(z, k, bisection_steps)
+  filtered = jnp.where(z < lo[:, None], neg_inf, z)  # NaN stays NaN
+  rows = None if where is None else jnp.broadcast_to(where, lead).reshape(-1, 1)
+  if rows is not None:
+    filtered = jnp.where(rows, filtered, neg_inf)
+  _, ids = jax.lax.top_k(filtered, k)
+  values = jnp.take_along_axis(z, ids, axis=-1)  # −∞ stand-ins never reach the top k; keep x's own values
+  if rows is not None:
+    values = jnp.where(rows, values, jnp.zeros_like(values))
+  return values.reshape(*lead, k), ids.reshape(*lead, k)
+
+
+def _order_keys(x: Array) -> Array:
+  """int32 keys of float32 ``x`` in XLA:CPU TopK's order: −0.0 < 0.0, NaN above +∞ (the sign-flipped bit pattern)."""
+  i = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _compact(mask_nm: Array, slots: int) -> tuple[Array, Array]:
+  """Positions of the True entries of each row, in ascending order, in ``slots`` columns; and which are real.
+
+  Bit-packed select: the row is cut into words of 32 flags; slot p lies in the word where the running popcount
+  passes p, and inside it at the bit found by a 5-step binary search on popcounts. Every pass is elementwise over
+  [N, M/32] or [N, slots] (no sort, no scatter). Slots beyond the row's count get arbitrary in-range positions.
+  """
+  n, m = mask_nm.shape
+  words = -(-m // 32)
+  mask_nm = jnp.pad(mask_nm, ((0, 0), (0, words * 32 - m)))
+  shifts = jnp.arange(32, dtype=jnp.uint32)
+  bits = jnp.sum(mask_nm.reshape(n, words, 32).astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32)
+  counts = jax.lax.population_count(bits).astype(jnp.int32)
+  ends = jnp.cumsum(counts, axis=-1)  # inclusive running count per word
+  slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+  word = jnp.zeros((n, slots), jnp.int32)
+  for w in range(words - 1):  # word of slot p = #{words ending at or before p}; unrolled (XLA:CPU is fast on this)
+    word = word + (ends[:, w:w + 1] <= slot).astype(jnp.int32)
+  rank = (slot - jnp.take_along_axis(ends - counts, word, axis=-1)).astype(jnp.uint32)
+  bits_p = jnp.take_along_axis(bits, word, axis=-1)
+  pos = jnp.zeros_like(bits_p)
+  for step in (16, 8, 4, 2, 1):  # largest pos with popcount(bits below pos) ≤ rank = the rank-th set bit
+    trial = pos + step
+    below = jax.lax.population_count(bits_p & ((jnp.uint32(1) << trial) - 1))
+    pos = jnp.where(below <= rank, trial, pos)
+  return jnp.minimum(word * 32 + pos.astype(jnp.int32), m - 1), slot < ends[:, -1:]
+
+
+def _select_top_k(z_nv: Array, lo_n: Array, rows_n: Array, k: int, capacity: int) -> tuple[Array, Array]:
+  """Steps 2–4 of ``top_k_set``: the k largest of each needed row's candidates z ≥ lo (at most ``capacity`` of them,
+  at least k, no NaN), in id order; ids 0…k−1 and values 0 on rows not needed."""
+  # 2. Compact the candidates (id order).
+  cand_ids, cand_real = _compact((z_nv >= lo_n[:, None]) & rows_n[:, None], capacity)
+  cand_z = jnp.take_along_axis(z_nv, cand_ids, axis=-1)
+  key = _order_keys(cand_z)
+  # 3. Rank among the row's candidates: #{q : key_q > key_p, or key_q = key_p and q before p (lower id)}. One
+  #    elementwise pass per q: XLA:CPU runs these fused passes far faster than one broadcast [N, C, C] compare.
+  rank = jnp.zeros(key.shape, jnp.int32)
+  slot = jnp.arange(capacity)[None, :]
+  for q in range(capacity):
+    k_q = key[:, q:q + 1]
+    ahead = (k_q > key) | ((k_q == key) & (q < slot))
+    rank = rank + (ahead & cand_real[:, q:q + 1]).astype(jnp.int32)
+  # 4. Keep rank < k, compact again.
+  pick, real = _compact(cand_real & (rank < k), k)
+  ids = jnp.where(real, jnp.take_along_axis(cand_ids, pick, axis=-1), jnp.arange(k, dtype=jnp.int32)[None, :])
+  values = jnp.where(real, jnp.take_along_axis(cand_z, pick, axis=-1), jnp.zeros((), z_nv.dtype))
+  return values, ids
+
+
+def top_k_set(x: Array, k: int, *, where: Array | None = None, enabled: bool | None = None,
+              capacity: int = 128, max_bisection_steps: int = 12) -> tuple[Array, Array]:
+  """The k largest entries of the last axis as a SET: the same (value, id) pairs as ``jax.lax.top_k`` (ties by lower
+  id), in an unspecified order (ascending id on the CPU path, descending value otherwise).
+
+  CAPO's statistics are sums over the top-K, so they need the set, not its order, and on XLA:CPU sorting the k
+  entries of every row is most of ``top_k``'s time. The CPU path (``enabled``; default: CPU backend, float32 and
+  V ≥ 4·k) selects instead, with only vectorised passes:
+
+    1. lower bound lo ≤ k-th largest by bisection on group maxima (``_top_k_group_bound``), then — only if some
+       row still has more than ``capacity`` candidates x ≥ lo — bisection steps on [lo, row max] over the whole rows
+       that keep #{x ≥ lo} ≥ k (a ``while_loop``, ≤ ``max_bisection_steps``);
+    2. the candidates' ids, compacted to ``capacity`` columns in id order (``_compact``, bit-packed select);
+    3. each candidate's exact rank among its row's candidates, ties by lower id, in XLA:CPU TopK's float order
+       (−0.0 < 0.0): capacity elementwise passes over [N, capacity];
+    4. the k candidates of rank < k, compacted again.
+
+  If any needed row still has more than ``capacity`` candidates (heavy ties) or holds a NaN, the whole call takes
+  the exact ``top_k`` instead (``lax.cond``; under ``vmap`` both branches run). ``where``: as in ``top_k`` — rows
+  not needed get ids 0…k−1 and values 0.
+  """
+  v = x.shape[-1]
+  if not (_use_cpu_path(v, k, enabled, min_ratio=4) and x.dtype == jnp.float32 and capacity >= k):
+    return top_k(x, k, where=where, prefilter=enabled)
+  lead = x.shape[:-1]
+  z = x.reshape(-1, v)
+  n = z.shape[0]
+  rows = jnp.ones((n,), bool) if where is None else jnp.broadcast_to(where, lead).reshape(-1)
+
+  # 1. Candidates: lo ≤ k-th largest with #{z ≥ lo} ≤ capacity on every needed row.
+  lo, hi = _top_k_group_bound(z, k)
+  # Rows with a NaN take the exact path (lax.top_k ranks NaN first). The row sum is NaN then (and also for rows
+  # holding both ±∞, which merely take the exact path too): one cheap pass instead of an isnan reduction.
+  has_nan = jnp.isnan(jnp.sum(z, axis=-1))
+  count = _count_at_least(z, lo)
+
+  def too_many(c):  # NaN rows take the exact path anyway: they do not keep the loop going
+    return jnp.any(rows & ~has_nan & (c[3] > capacity)) & (c[0] < max_bisection_steps)
+
+  def bisect(c):
+    i, lo, hi, count = c
+    mid = lo + 0.5 * (hi - lo)
+    count_mid = _count_at_least(z, mid)
+    enough = count_mid >= k
+    return (i + 1, jnp.where(enough, mid, lo), jnp.where(enough, hi, mid), jnp.where(enough, count_mid, count))
+
+  _, lo, _, count = jax.lax.while_loop(too_many, bisect, (jnp.int32(0), lo, hi, count))
+  fits = jnp.all(~rows | ((count >= k) & (count <= capacity) & ~has_nan))
+
+  def exact(z):
+    values, ids = top_k(z, k, where=rows, prefilter=True)
+    return values, ids.astype(jnp.int32)
+
+  values, ids = jax.lax.cond(fits, lambda z: _select_top_k(z, lo, rows, k, capacity), exact, z)
+  return values.reshape(*lead, k), ids.reshape(*lead, k)
+
