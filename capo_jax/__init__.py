@@ -17,6 +17,7 @@ The public API is re-exported here flatly; each stage of the RL step lives in on
 - ``capo_jax.masked_transform`` CAPO's token mask as an optax transformation
 - ``capo_jax.curvature_full``   full-network directional model, Theorem-5.1 subset acceptance
 - ``capo_jax.trust_region``     curvature trust region on the step (optax transformation)
+- ``capo_jax.ops``              shared kernels: the exact top-K for XLA:CPU, time chunking; ``capo_jax.validation``
 - ``capo_jax.learner``          jitted SFT / RL learner steps
 - ``capo_jax.components``       configs → the optax chain and the learner step
 - ``capo_jax.evaluation``       held-out pass@1 / pass@k / greedy of any task; ``capo_jax.eval_metrics`` estimators
@@ -85,6 +86,7 @@ from capo_jax.masked_transform import (
     masked_transform,
 )
 from capo_jax.models import CausalLM, CausalLMOutput, KVCache, ModelConfig, apply
+from capo_jax.models.export import export_hf
 from capo_jax.models.hf import load_hf, save_hf
 from capo_jax.config import (
     CheckpointConfig,
@@ -100,6 +102,7 @@ from capo_jax.config import (
 )
 from capo_jax.data import DatasetTask
 from capo_jax.eval_metrics import breakdown, maj_at_k, mean_at_k, pass_at_k
+from capo_jax.evaluation import Evaluator, evaluate_samples, sample_completions
 from capo_jax.rewards import (
     MathRewardStats,
     MathVerifyPool,
