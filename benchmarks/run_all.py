@@ -10,7 +10,7 @@ import importlib.util
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.sampler", "benchmarks.learner_step", "benchmarks.main_job")
+BENCHMARKS = ("benchmarks.sampler", "benchmarks.learner_step", "benchmarks.compile_time", "benchmarks.main_job")
 
 
 def main() -> int:
