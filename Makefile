@@ -35,16 +35,18 @@ clean:
 # (resumable: finished runs under $(MINI_ROOT)* are skipped; delete those folders to start from scratch), then the
 # reports from their output files. Measured 52.5 min on the 2-core CPU (docs/RESULTS.md).
 MINI_ROOT ?= runs/sweep-mini
+# The issue-6 studies ran on the task before it had RL headroom: every solution of the warm start correct.
+CLEAN_TASK := --gin_param ArithTask.wrong_step_fraction=0.0
 .PHONY: reproduce-mini reproduce-extra reproduce-size
 reproduce-mini: install
-	$(VPY) -m experiments.sweep --methods grpo,capo,trust_region --lrs 5e-4,1e-4 --seeds 0,1,2 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods grpo,capo,trust_region --lrs 5e-4,1e-4 --seeds 0,1,2 \
 	  --root $(MINI_ROOT) --parallel 2
-	$(VPY) -m experiments.sweep --methods grpo,capo --lrs 2e-4 --seeds 0,1,2 --root $(MINI_ROOT) --parallel 2
-	$(VPY) -m experiments.sweep --methods trust_region --lrs 5e-4 --seeds 0,1,2 --prompts_per_step 64 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods grpo,capo --lrs 2e-4 --seeds 0,1,2 --root $(MINI_ROOT) --parallel 2
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods trust_region --lrs 5e-4 --seeds 0,1,2 --prompts_per_step 64 \
 	  --root $(MINI_ROOT)-64 --cache_dir $(MINI_ROOT)/cache --parallel 2
-	$(VPY) -m experiments.sweep --methods grpo --lrs 1e-4 --seeds 0,1,2 --prompts_per_step 64 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods grpo --lrs 1e-4 --seeds 0,1,2 --prompts_per_step 64 \
 	  --root $(MINI_ROOT)-64 --cache_dir $(MINI_ROOT)/cache --parallel 2
-	$(VPY) -m experiments.sweep --methods drgrpo,drcapo,reinforce,reincapo --lrs 5e-4 --seeds 0,1,2 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods drgrpo,drcapo,reinforce,reincapo --lrs 5e-4 --seeds 0,1,2 \
 	  --root $(MINI_ROOT) --parallel 2
 	$(VPY) -m experiments.report --root $(MINI_ROOT)-64 --out docs/results --markdown RESULTS_64x8.md --figures 64x8 \
 	  --title "Results, 64 x 8 sub-study (issue 6): GRPO at 1e-4 vs the trust region at 5e-4"
@@ -56,15 +58,15 @@ reproduce-mini: install
 # (its cache), reported together with its runs.
 EXTRA_ROOT ?= runs/sweep-extra
 reproduce-extra: reproduce-mini
-	$(VPY) -m experiments.sweep --methods drgrpo,drcapo,reinforce,reincapo --lrs 1e-4 --seeds 0,1,2 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods drgrpo,drcapo,reinforce,reincapo --lrs 1e-4 --seeds 0,1,2 \
 	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
-	$(VPY) -m experiments.sweep --methods grpo,trust_region --lrs 5e-5 --seeds 0,1,2 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods grpo,trust_region --lrs 5e-5 --seeds 0,1,2 \
 	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
-	$(VPY) -m experiments.sweep --methods capo_fullnet,subset,subset_kl --lrs 5e-4 --seeds 0,1,2 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods capo_fullnet,subset,subset_kl --lrs 5e-4 --seeds 0,1,2 \
 	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
-	$(VPY) -m experiments.sweep --methods capo_fullnet,subset --lrs 1e-4 --seeds 0,1,2 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods capo_fullnet,subset --lrs 1e-4 --seeds 0,1,2 \
 	  --root $(EXTRA_ROOT) --cache_dir $(MINI_ROOT)/cache --parallel 2
-	$(VPY) -m experiments.sweep --methods trust_region --lrs 1e-4 --seeds 0,1,2 --prompts_per_step 64 \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods trust_region --lrs 1e-4 --seeds 0,1,2 --prompts_per_step 64 \
 	  --root $(EXTRA_ROOT)-64 --cache_dir $(MINI_ROOT)/cache --parallel 2
 	$(VPY) -m experiments.report --root $(MINI_ROOT)-64,$(EXTRA_ROOT)-64 --out docs/results \
 	  --markdown RESULTS_EXTRA_64x8.md --figures extra-64x8 --make_target reproduce-extra \
@@ -79,13 +81,31 @@ reproduce-extra: reproduce-mini
 DEEP_ROOT ?= runs/sweep-deep
 WIDTH_ROOT ?= runs/sweep-width256
 reproduce-size: install
-	$(VPY) -m experiments.sweep --methods grpo --lrs 5e-4,1e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods grpo --lrs 5e-4,1e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
 	  --gin_param PolicyConfig.num_layers=4 --parallel 2
-	$(VPY) -m experiments.sweep --methods capo,trust_region --lrs 5e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods capo,trust_region --lrs 5e-4 --seeds 0,1,2 --root $(DEEP_ROOT) \
 	  --gin_param PolicyConfig.num_layers=4 --parallel 2
 	$(VPY) -m experiments.report --root $(DEEP_ROOT) --out docs/results --markdown RESULTS_DEEP.md --figures deep \
 	  --make_target reproduce-size --title "Results, 4-layer model (issue 6, Q2)"
-	$(VPY) -m experiments.sweep --methods grpo --lrs 1e-4,5e-4 --seeds 0,1,2 --num_steps 1 --root $(WIDTH_ROOT) \
-	  --gin_param PolicyConfig.hidden_size=256 --gin_param PolicyConfig.intermediate_size=768 --parallel 2
+	$(VPY) -m experiments.sweep $(CLEAN_TASK) --methods grpo --lrs 1e-4,5e-4 --seeds 0,1,2 --num_steps 1 \
+	  --root $(WIDTH_ROOT) --gin_param PolicyConfig.hidden_size=256 --gin_param PolicyConfig.intermediate_size=768 --parallel 2
 	$(VPY) -m experiments.report --root $(WIDTH_ROOT) --out docs/results --markdown RESULTS_WIDTH.md --figures width \
 	  --make_target reproduce-size --title "Results, width-256 model, first RL step only (issue 6, Q5)"
+
+# Issue 16: the study on the task with RL headroom (docs/RESULTS.md): GRPO over a learning-rate ladder up to collapse
+# (the conservative rate 1e-4 is 5x below the aggressive 5e-4), CAPO with the released and the eta-scaled tau's, the
+# trust region, Theorem-5.1 subsets with the KL condition and the KL-target step size at the aggressive rate, and the
+# KL-target step size over a 10x range (5e-5 ... 5e-4); 64 x 8 x 60 = 30,720 completions per run, 3 seeds, one warm
+# start per seed (the task of experiments/configs/arith_base.gin). Resumable like reproduce-mini.
+HEADROOM_ROOT ?= runs/sweep-headroom
+HEADROOM_ARGS ?= --prompts_per_step 64 --seeds 0,1,2 --root $(HEADROOM_ROOT) --parallel 2
+.PHONY: reproduce-headroom
+reproduce-headroom: install
+	$(VPY) -m experiments.sweep --methods grpo,kl_target --lrs 5e-4,1e-4 $(HEADROOM_ARGS)
+	$(VPY) -m experiments.sweep --methods trust_region,capo,capo_eta --lrs 5e-4 $(HEADROOM_ARGS)
+	$(VPY) -m experiments.sweep --methods grpo --lrs 2e-4 $(HEADROOM_ARGS)
+	$(VPY) -m experiments.sweep --methods kl_target --lrs 5e-5 $(HEADROOM_ARGS)
+	$(VPY) -m experiments.sweep --methods subset_kl --lrs 5e-4 $(HEADROOM_ARGS)
+	$(VPY) -m experiments.report --root $(HEADROOM_ROOT) --out docs/results --markdown RESULTS_HEADROOM.md \
+	  --figures headroom --make_target reproduce-headroom \
+	  --title "Results, the task with RL headroom (issue 16): GRPO's lr ladder, CAPO, trust region, KL-target step"

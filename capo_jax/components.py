@@ -16,6 +16,7 @@ from flax import nnx
 from capo_jax import learner
 from capo_jax.config import CurvatureConfig, OptimizerConfig, TrainConfig, learning_rate_schedule
 from capo_jax.masked_transform import MaskedTransformation, masked_transform
+from capo_jax.step_size import kl_target_transform
 from capo_jax.trust_region import TrustRegionState, trust_region_transform
 
 
@@ -40,8 +41,9 @@ def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None
                     ) -> tuple[optax.GradientTransformation, MaskedTransformation | None]:
   """The optax chain of a run: ``clip_by_global_norm`` → (``masked_transform`` around) AdamW → (trust region).
 
-  ``logits_fn(params, batch) -> [B, N, V]``: the completion logits the trust region linearises (needed only with
-  ``step_control='trust_region'``). Returns ``(chain, the masked_transform or None)``.
+  ``logits_fn(params, batch) -> [B, N, V]``: the completion logits the trust region (or the KL-target step size,
+  docs/MATH.md §7) linearises (needed only with ``step_control != 'none'``). Returns ``(chain, the masked_transform or
+  None)``.
   """
   schedule = learning_rate_schedule(cfg.optimizer, cfg.num_steps)
   core = adamw(cfg.optimizer, schedule)
@@ -54,6 +56,12 @@ def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None
     core = trust_region_transform(core, max_kl=cfg.curvature.max_kl, logits_fn=logits_fn,
                                   completion_mask_fn=learner.loss_completion_mask,
                                   temperature=cfg.rollout.temperature)
+  elif cfg.curvature.step_control == "kl_target":
+    if logits_fn is None:
+      raise ValueError("step_control='kl_target' linearises the model: pass logits_fn.")
+    core = kl_target_transform(core, target_kl=cfg.curvature.max_kl, logits_fn=logits_fn,
+                               max_scale=cfg.curvature.max_scale, min_scale=cfg.curvature.min_scale,
+                               completion_mask_fn=learner.loss_completion_mask, temperature=cfg.rollout.temperature)
   parts = [optax.clip_by_global_norm(cfg.optimizer.max_grad_norm)] if cfg.optimizer.max_grad_norm else []
   return optax.chain(*parts, core), capo
 
@@ -87,7 +95,7 @@ def make_learner_step(cfg: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax
   curv = cfg.curvature
   mask_fn = capo_token_mask_fn(capo) if capo is not None else None
   obj = objective(cfg)
-  pass_batch = curv.step_control == "trust_region"
+  pass_batch = curv.step_control != "none"
   if curv.mode == "full_network":
     return learner.make_fullnet_rl_step(
         graphdef, optimizer, obj, tau_fisher=curv.tau_fisher,

@@ -33,7 +33,7 @@ from capo_jax.models import ModelConfig
 CONFIG_VERSION = 2
 
 CURVATURE_MODES = ("none", "last_layer", "full_network", "subset")
-STEP_CONTROLS = ("none", "trust_region")
+STEP_CONTROLS = ("none", "trust_region", "kl_target")
 SURROGATES = ("clip", "gspo", "cispo")
 LR_SCHEDULES = ("constant", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -197,6 +197,10 @@ class OptimizerConfig:
     check_number("OptimizerConfig", "warmup_fraction", self.warmup_fraction, minimum=0.0, maximum=1.0)
     check_number("OptimizerConfig", "b1", self.b1, minimum=0.0, maximum=1.0)
     check_number("OptimizerConfig", "b2", self.b2, minimum=0.0, maximum=1.0)
+    for name in ("b1", "b2"):  # Adam's bias correction divides by 1 − β^t: β = 1 gives 0/0 = NaN at every step
+      if getattr(self, name) == 1.0:
+        raise ConfigError(f"OptimizerConfig.{name} must be < 1 (Adam divides by 1 − {name}^t), got 1.0; e.g. "
+                          f"{name}={0.9 if name == 'b1' else 0.999}.")
     check_number("OptimizerConfig", "eps", self.eps, positive=True)
     check_number("OptimizerConfig", "weight_decay", self.weight_decay, minimum=0.0)
     check_number("OptimizerConfig", "max_grad_norm", self.max_grad_norm, positive=True, allow_none=True)
@@ -222,6 +226,9 @@ class LossConfig:
   kl_coef: float = 0.0
   kl_estimator: str = "k3"
   entropy_coef: float = 0.0
+  # Rollout/learner mismatch corrections (capo_jax.learner.mismatch_correction), composed with CAPO's mask:
+  tis_cap: float | None = None  # C: weight each token's surrogate by min(π_learner/π_sampler, C); None: off
+  seq_mask_max_logprob_diff: float | None = None  # drop rows whose mean |logπ_learner − logπ_sampler| exceeds it
 
   def __post_init__(self):
     check_choice("LossConfig", "advantage_estimator", self.advantage_estimator, sorted(adv_lib.ESTIMATORS))
@@ -230,9 +237,14 @@ class LossConfig:
     check_number("LossConfig", "eps_low", self.eps_low, positive=True)
     check_number("LossConfig", "eps_high", self.eps_high, positive=True, allow_none=True)
     check_number("LossConfig", "dual_clip", self.dual_clip, minimum=1.0, allow_none=True)
+    if self.dual_clip == 1.0:
+      raise ConfigError("LossConfig.dual_clip must be > 1 (it bounds ρ·A at c·A for A < 0), got 1.0; e.g. 3.0.")
     check_number("LossConfig", "kl_coef", self.kl_coef, minimum=0.0)
     check_choice("LossConfig", "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
     check_number("LossConfig", "entropy_coef", self.entropy_coef, minimum=0.0)
+    check_number("LossConfig", "tis_cap", self.tis_cap, positive=True, allow_none=True)
+    check_number("LossConfig", "seq_mask_max_logprob_diff", self.seq_mask_max_logprob_diff, positive=True,
+                 allow_none=True)
 
 
 @gin.configurable
@@ -249,8 +261,9 @@ class CurvatureConfig:
   - ``"subset"``: Theorem 5.1 acceptance of the step's prompt groups: m_H(Δθ_i) ≥ δ_H and m_F(Δθ_i) ≤ δ_F (§3).
 
   ``step_control`` scales the whole step: ``"trust_region"`` shrinks it so that its predicted mean KL ≤ ``max_kl``
-  (§5). ``monitor`` logs the last-layer m_H/m_F quantiles in every mode (a last-layer pass with τ = ∞ where the mode
-  does not mask with it).
+  (§5); ``"kl_target"`` scales it by s = clip(√(max_kl / KL̂), ``min_scale``, ``max_scale``) so its predicted mean KL
+  meets ``max_kl`` — shrinking or growing it (§7). ``monitor`` logs the last-layer m_H/m_F quantiles in every mode
+  (a last-layer pass with τ = ∞ where the mode does not mask with it).
   """
   mode: str = "none"
   tau_fisher: float = math.inf
@@ -264,7 +277,9 @@ class CurvatureConfig:
   subset_delta_h: float = 0.0  # δ_H = ω + ½Mr² ≥ 0
   subset_delta_f: float | None = None  # δ_F > 0, or None: no KL condition
   step_control: str = "none"
-  max_kl: float | None = None  # trust_region: the per-step budget δ on the predicted mean KL
+  max_kl: float | None = None  # δ on the predicted mean KL per step: trust_region's ceiling, kl_target's target
+  max_scale: float | None = None  # kl_target: the cap s_max on the step scale
+  min_scale: float = 0.0  # kl_target: the floor s_min on the step scale
 
   def __post_init__(self):
     owner = "CurvatureConfig"
@@ -286,12 +301,23 @@ class CurvatureConfig:
     if self.step_control == "none" and self.max_kl is not None:
       raise ConfigError("CurvatureConfig.max_kl is set but step_control='none': set step_control='trust_region' or "
                         "drop max_kl.")
+    check_number(owner, "max_scale", self.max_scale, positive=True, allow_none=True)
+    check_number(owner, "min_scale", self.min_scale, minimum=0.0)
+    if self.step_control == "kl_target":
+      if self.max_kl is None or self.max_scale is None:
+        raise ConfigError("CurvatureConfig.step_control='kl_target' needs CurvatureConfig.max_kl (the target δ, e.g. "
+                          "5e-4) and CurvatureConfig.max_scale (the cap on the step scale, e.g. 4.0).")
+      if self.min_scale > self.max_scale:
+        raise ConfigError(f"CurvatureConfig.min_scale ({self.min_scale}) must be ≤ max_scale ({self.max_scale}).")
+    elif self.max_scale is not None or self.min_scale != 0.0:
+      raise ConfigError("CurvatureConfig.max_scale / min_scale bound the kl_target step scale: set "
+                        "step_control='kl_target' or drop them.")
     if self.mode == "full_network" and not math.isfinite(self.tau_fisher):
       raise ConfigError("CurvatureConfig.mode='full_network' masks with τ_F: set a finite tau_fisher (a CAPO "
                         "preset: include 'algorithms/capo.gin').")
-    if self.mode == "subset" and self.step_control == "trust_region":
-      raise ConfigError("CurvatureConfig.mode='subset' with step_control='trust_region' is not supported (each "
-                        "group's proposal would need its own trust-region pass).")
+    if self.mode == "subset" and self.step_control != "none":
+      raise ConfigError(f"CurvatureConfig.mode='subset' with step_control={self.step_control!r} is not supported "
+                        "(each group's proposal would need its own curvature pass).")
 
   @classmethod
   def from_preset(cls, name: str, **overrides) -> "CurvatureConfig":
@@ -345,6 +371,56 @@ class CheckpointConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+class ReliabilityConfig:
+  """What the loop does about a non-finite step (docs/RELIABILITY.md): every learner update whose loss, gradient or
+  update is not finite is skipped (parameters and optimizer state unchanged); after ``max_consecutive_skips`` RL
+  steps in a row with a skipped update the run stops (``trainer.DivergedError``), its last checkpoint intact."""
+  max_consecutive_skips: int = 3
+
+  def __post_init__(self):
+    check_int("ReliabilityConfig", "max_consecutive_skips", self.max_consecutive_skips)
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh (``capo_jax.sharding.make_mesh``, docs/SCALING.md): sizes of the axes ``data`` (replicas: batch
+  rows, parameters replicated), ``fsdp`` (batch rows, parameters and optimizer state sharded) and ``tensor`` (heads,
+  MLP width and vocabulary sharded). One axis may be -1: the devices left over. The default puts every device on
+  ``data``."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    for name in MESH_AXES:
+      value = getattr(self, name)
+      if not _is_int(value) or (value < 1 and value != -1):
+        raise ConfigError(f"MeshConfig.{name} must be an integer ≥ 1 or -1 (the devices left over), got {value!r}.")
+    if sum(getattr(self, name) == -1 for name in MESH_AXES) > 1:
+      raise ConfigError(f"MeshConfig: at most one axis may be -1, got data={self.data}, fsdp={self.fsdp}, "
+                        f"tensor={self.tensor}; give the others explicit sizes.")
+
+  def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` with -1 resolved; their product must be ``num_devices``."""
+    sizes = [getattr(self, name) for name in MESH_AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if num_devices % known:
+        raise ConfigError(f"MeshConfig: {num_devices} devices do not split into data={self.data}, fsdp={self.fsdp}, "
+                          f"tensor={self.tensor} (the fixed axes' product {known} must divide the device count).")
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ConfigError(f"MeshConfig: data × fsdp × tensor = {math.prod(sizes)} but there are {num_devices} devices; "
+                        "make the product equal the device count, or set one axis to -1.")
+    return tuple(sizes)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """A whole run: the task (a ``capo_jax.tasks.Task`` built from gin) and one sub-config per concern."""
   task: Any = None
@@ -359,6 +435,8 @@ class TrainConfig:
   curvature: CurvatureConfig = dataclasses.field(default_factory=CurvatureConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  reliability: ReliabilityConfig = dataclasses.field(default_factory=ReliabilityConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def __post_init__(self):
     if self.task is None:
@@ -373,7 +451,8 @@ class TrainConfig:
     check_int("TrainConfig", "num_steps", self.num_steps)
     for name, kind in (("policy", PolicyConfig), ("warm_start", WarmStartConfig), ("rollout", RolloutConfig),
                        ("optimizer", OptimizerConfig), ("loss", LossConfig), ("curvature", CurvatureConfig),
-                       ("eval", EvalConfig), ("checkpoint", CheckpointConfig)):
+                       ("eval", EvalConfig), ("checkpoint", CheckpointConfig), ("reliability", ReliabilityConfig),
+                       ("mesh", MeshConfig)):
       if not isinstance(getattr(self, name), kind):
         raise ConfigError(f"TrainConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}.")
     if self.rollout.batch_size % self.optimizer.num_minibatches:
@@ -382,6 +461,10 @@ class TrainConfig:
     if self.curvature.mode in ("full_network", "subset") and not self.optimizer.single_pass:
       raise ConfigError(f"CurvatureConfig.mode={self.curvature.mode!r} needs one gradient step per batch: set "
                         "OptimizerConfig.num_iterations = num_minibatches = 1.")
+    if self.loss.tis_cap is not None and not self.optimizer.single_pass:
+      raise ConfigError("LossConfig.tis_cap weights the single-pass surrogate (ρ ≡ 1); with num_iterations or "
+                        "num_minibatches > 1 the clipped ratio already divides by the sampler's log-probs: drop "
+                        "tis_cap or set OptimizerConfig.num_iterations = num_minibatches = 1.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,13 @@ DEFAULT_TRUST_REGION_KL = 5e-4
 
 _TRUST_REGION = ("CurvatureConfig.step_control='trust_region'", "CurvatureConfig.max_kl={tr_kl}")
 
-# name → (gin file, extra bindings). "{tr_kl}" is replaced by --trust_region_kl.
+# The learning rate at which the released CAPO τ's are taken as calibrated, for the η-scaled preset: at lr η,
+# τ_H = 1e-2 · (η / η_ref) and τ_F = 1e-4 · (η / η_ref)², the exponents m_H ∝ η and m_F ∝ η² that the first-step
+# quantiles follow (docs/RESULTS.md), so the mask rejects the same tokens at every η.
+TAU_REFERENCE_LR = 1e-4
+
+# name → (gin file, extra bindings). "{tr_kl}" is replaced by --trust_region_kl, "{tau_h_eta}" / "{tau_f_eta}" by the
+# run's η-scaled τ's (TAU_REFERENCE_LR).
 PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "grpo": ("arith_grpo.gin", ()),
     "drgrpo": ("arith_drgrpo.gin", ()),
@@ -64,6 +70,12 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "capo_fullnet_fisher": ("arith_capo.gin", ("CurvatureConfig.mode='full_network'",
                                                "CurvatureConfig.second_order=False",
                                                "TrainConfig.name='capo_fullnet_fisher'")),
+    # CAPO with the τ's scaled to the learning rate ("{tau_h_eta}", "{tau_f_eta}": see TAU_REFERENCE_LR).
+    "capo_eta": ("arith_capo.gin", ("CurvatureConfig.tau_hessian={tau_h_eta}", "CurvatureConfig.tau_fisher={tau_f_eta}",
+                                    "TrainConfig.name='capo_eta'")),
+    # GRPO with the curvature-controlled step size (docs/MATH.md §7): s = clip(√(δ / KL̂), 0, s_max), δ and s_max
+    # from algorithms/kl_target.gin (its own δ, not --trust_region_kl: a target, not a ceiling).
+    "kl_target": ("arith_kl_target.gin", ()),
     # GRPO with Theorem 5.1 acceptance of the prompt groups (docs/MATH.md §3), default δ_H = 0, no KL bound.
     "subset": ("arith_grpo.gin", ("CurvatureConfig.mode='subset'", "TrainConfig.name='subset'")),
     # The same with the theorem's KL condition: a group is also refused when its own step's predicted mean KL
@@ -161,7 +173,9 @@ def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], roo
       workdir = os.path.join(root, method, f"lr{fmt_lr(lr)}", f"seed{seed}")
       argv = [python, "-m", "experiments.run", f"--gin_file=experiments/configs/{gin_file}",
               f"--workdir={workdir}", f"--cache_dir={cache_dir}"]
-      params = list(gin_params) + [b.format(tr_kl=repr(float(trust_region_kl))) for b in bindings]
+      scale = float(lr) / TAU_REFERENCE_LR
+      params = list(gin_params) + [b.format(tr_kl=repr(float(trust_region_kl)), tau_h_eta=repr(1e-2 * scale),
+                                            tau_f_eta=repr(1e-4 * scale**2)) for b in bindings]
       params += [f"RolloutConfig.prompts_per_step={int(prompts_per_step)}",
                  f"RolloutConfig.group_size={int(group_size)}", f"TrainConfig.num_steps={int(num_steps)}",
                  f"OptimizerConfig.learning_rate={lr!r}", f"TrainConfig.seed={int(seed)}"]

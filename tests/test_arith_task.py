@@ -115,6 +115,83 @@ def test_reference_solution_scores_one_and_wrong_answers_zero():
     assert task.reward(p.solution.rsplit(" ", 1)[0], p) == 0.0  # steps right, no box
 
 
+def test_solve_expression_with_a_wrong_step_propagates_it():
+  steps, value = solve_expression([37, 8, 6, 12], ["+", "*", "-"], errors={0: 1})
+  assert steps == ["8*6=49", "37+49=86", "86-12=74"] and value == 74
+  steps, value = solve_expression([3, 3, 9], ["*", "*"], errors={0: -2})  # the offset is multiplied on
+  assert steps == ["3*3=7", "7*9=63"] and value == 63
+  steps, value = solve_expression([37, 8, 6, 12], ["+", "*", "-"], errors={2: 2})
+  assert steps == ["8*6=48", "37+48=85", "85-12=75"] and value == 75
+  with pytest.raises(ValueError, match="step indices"):
+    solve_expression([1, 2], ["+"], errors={1: 1})
+
+
+def _wrong_steps(problem):
+  """Indices of the written steps whose result is not the arithmetic of their own operands."""
+  *steps, _ = problem.solution.split(" ")
+  wrong = []
+  for k, step in enumerate(steps):
+    a, op, b, result = _STEP.match(step.rstrip(".")).groups()
+    if eval(f"{a}{op}{b}") != int(result):  # noqa: S307
+      wrong.append((k, int(result) - eval(f"{a}{op}{b}")))  # noqa: S307
+  return wrong
+
+
+@pytest.mark.parametrize("difficulty", [0, 3])
+def test_wrong_step_fraction_corrupts_that_share_of_train_solutions_only(difficulty):
+  clean = ArithTask(seed=4, difficulty=difficulty)
+  task = ArithTask(seed=4, difficulty=difficulty, wrong_step_fraction=0.3)
+  n = 2000
+  corrupted = 0
+  for p, q in zip(task.train_problems(10**9, n), clean.train_problems(10**9, n)):
+    # Same problem stream and answers; only the worked solution may differ.
+    assert (p.expression, p.question, p.prompt, p.answer) == (q.expression, q.question, q.prompt, q.answer)
+    if p.solution == q.solution:
+      continue
+    corrupted += 1
+    wrong = _wrong_steps(p)
+    assert len(wrong) == 1 and wrong[0][1] in (-2, -1, 1, 2), p.solution  # exactly one wrong step, off by ≤ 2
+    box = p.solution.split(" ")[-1]
+    last_result = p.solution.split(" ")[-2].rstrip(".").split("=")[1]
+    assert box == f"\\boxed{{{last_result}}}" and int(last_result) != p.answer  # the chain ends in a wrong answer
+    assert all(int(x.rstrip(".").split("=")[1]) >= 0 for x in p.solution.split(" ")[:-1])  # allow_negative=False
+    assert task.reward(p.solution, p) == 0.0 and task.reward(q.solution, p) == 1.0
+  # Binomial(2000, 0.3): SD ≈ 20.5; allow ±4 SD (a few draws can find no non-negative offset and stay correct).
+  assert abs(corrupted - 0.3 * n) < 82, corrupted
+  assert task.heldout(200) == clean.heldout(200)  # evaluation never sees a corrupted solution
+
+
+def test_wrong_step_sets_are_nested_and_the_position_option_is_obeyed():
+  low = ArithTask(seed=1, difficulty=0, wrong_step_fraction=0.2).train_problems(0, 500)
+  high = ArithTask(seed=1, difficulty=0, wrong_step_fraction=0.6).train_problems(0, 500)
+  clean = ArithTask(seed=1, difficulty=0).train_problems(0, 500)
+  low_set = {i for i, (p, q) in enumerate(zip(low, clean)) if p.solution != q.solution}
+  high_set = {i for i, (p, q) in enumerate(zip(high, clean)) if p.solution != q.solution}
+  assert low_set < high_set and 60 < len(low_set) < 140 and 240 < len(high_set) < 360
+  assert all(low[i] == high[i] for i in low_set)  # corrupted the same way at both fractions
+  for where, expected in (("first", {0}), ("last", {1}), ("any", {0, 1})):
+    task = ArithTask(seed=1, difficulty=0, wrong_step_fraction=0.5, wrong_step_position=where)
+    seen = {_wrong_steps(p)[0][0] for p, q in zip(task.train_problems(0, 300), clean[:300])
+            if p.solution != q.solution}
+    assert seen == expected, (where, seen)
+
+
+def test_early_box_stops_one_step_early_and_boxes_the_previous_result():
+  clean = ArithTask(seed=2, difficulty=3).train_problems(0, 400)
+  task = ArithTask(seed=2, difficulty=3, wrong_step_fraction=0.5, wrong_step_kind="early_box")
+  changed = 0
+  for p, q in zip(task.train_problems(0, 400), clean):
+    assert (p.expression, p.answer) == (q.expression, q.answer)
+    if p.solution == q.solution:
+      continue
+    changed += 1
+    *steps, box = p.solution.split(" ")
+    *clean_steps, _ = q.solution.split(" ")
+    assert steps == clean_steps[:-1] and len(clean_steps) >= 2  # the last step is left out, the others are right
+    assert box == f"\\boxed{{{steps[-1].rstrip('.').split('=')[1]}}}" and task.reward(p.solution, p) == 0.0
+  assert 160 < changed < 240, changed  # Binomial(400, 0.5) ± 4 SD; difficulty 3 always has ≥ 2 operators
+
+
 def test_bad_task_input():
   with pytest.raises(ValueError, match="difficulty must be one of"):
     ArithTask(difficulty=7)
@@ -126,6 +203,12 @@ def test_bad_task_input():
     ArithTask(difficulty=Difficulty(3, 2, (0, 9), (2, 9)))
   with pytest.raises(ValueError, match="step"):
     ArithTask().batch(-1, 4)
+  with pytest.raises(ValueError, match="wrong_step_fraction must lie in"):
+    ArithTask(wrong_step_fraction=1.0)
+  with pytest.raises(ValueError, match="wrong_step_position must be one of"):
+    ArithTask(wrong_step_position="middle")
+  with pytest.raises(ValueError, match="wrong_step_kind must be one of"):
+    ArithTask(wrong_step_kind="swap")
   with pytest.raises(ValueError, match="num_prompts"):
     ArithTask().batch(0, 0)
   # A 16-problem space split in half cannot supply 50 distinct held-out problems.

@@ -14,13 +14,27 @@ Everything is a pure function of integers, so data never needs to be stored or c
 - the split is a function of the question text alone: a problem is held-out iff a stable hash (BLAKE2b) of its
   question falls in the held-out bucket. Train draws that land there are redrawn, so no held-out problem can ever
   appear in train, for any seed or number of steps.
+
+Headroom for RL (``wrong_step_fraction`` = f > 0): a share f of the *train* problems carry a worked solution with one
+wrong step, of ``wrong_step_kind``:
+
+- ``"offset"``: a step's result is moved by ±1 or ±2 and every later step is computed correctly from the wrong value,
+  so the boxed value is wrong too;
+- ``"early_box"``: the solution stops one step early and boxes the previous step's result (a premature answer;
+  one-operator problems have no earlier result and stay correct).
+
+Only ``solution`` changes (the supervised warm start's target); ``answer`` (the reward) and the held-out problems stay
+correct. A model warm-started on these can do the task but takes the wrong path with probability ≈ f at the
+corrupted step: sampled pass@k stays well above pass@1, and RL has that gap to close (docs/MAIN_JOB.md,
+docs/RESULTS.md). Which train problems are corrupted is a pure function of (seed, index), independent of the problem
+itself, and the sets are nested: every problem corrupted at fraction f is corrupted (the same way) at any f' > f.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import gin
@@ -61,7 +75,10 @@ DIFFICULTIES: dict[int, Difficulty] = {
     4: Difficulty(3, 3, (10, 99), (2, 12)),
 }
 
-_TRAIN_STREAM, _HELDOUT_STREAM = 0, 1
+_TRAIN_STREAM, _HELDOUT_STREAM, _CORRUPTION_STREAM = 0, 1, 2
+WRONG_STEP_POSITIONS = ("any", "first", "last")
+WRONG_STEP_KINDS = ("offset", "early_box")
+_WRONG_OFFSETS = (-2, -1, 1, 2)
 _HASH_BUCKETS = 10_000
 _MAX_DRAWS = 10_000  # Per problem; only reachable with an (almost) empty split or all-negative problems.
 
@@ -75,6 +92,7 @@ class ArithProblem:
     question: 'What is 37 + 8 * 6 - 12?'.
     prompt: INSTRUCTION + '\\n' + question + '\\n' — what the policy is conditioned on.
     solution: the reference completion, e.g. '8*6=48. 37+48=85. 85-12=73. \\boxed{73}'.
+      (For a train problem of a task with ``wrong_step_fraction`` > 0 it may contain a wrong step.)
     answer: the integer value of the expression.
   """
   expression: str
@@ -94,25 +112,34 @@ def format_prompt(question: str) -> str:
   return f"{INSTRUCTION}\n{question}\n"
 
 
-def solve_expression(operands: Sequence[int], ops: Sequence[str]) -> tuple[list[str], int]:
+def solve_expression(operands: Sequence[int], ops: Sequence[str],
+                     errors: Mapping[int, int] | None = None) -> tuple[list[str], int]:
   """Worked solution of `operands[0] ops[0] operands[1] ...` with `*` before `+`/`-`, left to right.
+
+  Args:
+    operands, ops: the expression.
+    errors: optional {step index: offset}: the written result of that step is off by ``offset``, and every later
+      step computes correctly from the wrong value (a solution with a wrong step; the returned value is then wrong).
 
   Returns:
     (steps, value): steps like ['8*6=48', '37+48=85', '85-12=73'], one per operator, in the order a person would
-    write them; value the expression's integer value.
+    write them; value the (last step's) result.
   """
   if len(operands) != len(ops) + 1:
     raise ValueError(f"need len(operands) == len(ops) + 1, got {len(operands)} operands and {len(ops)} ops.")
   for op in ops:
     if op not in "+-*" or len(op) != 1:
       raise ValueError(f"unknown operator {op!r}; use one of '+', '-', '*'.")
+  errors = dict(errors or {})
+  if any(not 0 <= k < len(ops) for k in errors):
+    raise ValueError(f"errors must map step indices in [0, {len(ops)}) to offsets, got {errors}.")
   steps: list[str] = []
   # Pass 1: collapse each run of products into one term.
   terms = [int(operands[0])]
   signs: list[str] = []
   for op, operand in zip(ops, operands[1:]):
     if op == "*":
-      product = terms[-1] * int(operand)
+      product = terms[-1] * int(operand) + errors.get(len(steps), 0)
       steps.append(f"{terms[-1]}*{int(operand)}={product}")
       terms[-1] = product
     else:
@@ -121,7 +148,7 @@ def solve_expression(operands: Sequence[int], ops: Sequence[str]) -> tuple[list[
   # Pass 2: add/subtract the terms left to right.
   value = terms[0]
   for sign, term in zip(signs, terms[1:]):
-    new_value = value + term if sign == "+" else value - term
+    new_value = (value + term if sign == "+" else value - term) + errors.get(len(steps), 0)
     steps.append(f"{value}{sign}{term}={new_value}")
     value = new_value
   return steps, value
@@ -154,12 +181,21 @@ class ArithTask:
     heldout_fraction: share of the problem space reserved for evaluation, in (0, 1).
     allow_negative: whether intermediate results and answers may be negative (redrawn when not).
     tokenizer_vocab_size: size of the subword tokenizer the task brings (``tokenizer()``).
+    wrong_step_fraction: share f ∈ [0, 1) of train problems whose ``solution`` has one wrong step (module
+      docstring); 0 keeps every solution correct. ``answer`` and the held-out problems are never corrupted.
+    wrong_step_position: which step is wrong in a corrupted solution: ``"any"`` (uniform over the steps), ``"first"``
+      (an intermediate result; the error propagates to the answer) or ``"last"`` (the boxed answer's step); used by
+      ``wrong_step_kind="offset"``.
+    wrong_step_kind: ``"offset"`` or ``"early_box"`` (module docstring).
   """
   seed: int = 0
   difficulty: int | Difficulty = 1
   heldout_fraction: float = 0.1
   allow_negative: bool = False
   tokenizer_vocab_size: int = 1024
+  wrong_step_fraction: float = 0.0
+  wrong_step_position: str = "any"
+  wrong_step_kind: str = "offset"
 
   def __post_init__(self):
     if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
@@ -174,6 +210,14 @@ class ArithTask:
     if (not isinstance(self.tokenizer_vocab_size, (int, np.integer)) or isinstance(self.tokenizer_vocab_size, bool)
         or self.tokenizer_vocab_size < 256):
       raise ValueError(f"tokenizer_vocab_size must be an int ≥ 256, got {self.tokenizer_vocab_size!r}.")
+    if (isinstance(self.wrong_step_fraction, bool) or not isinstance(self.wrong_step_fraction, (int, float))
+        or not 0.0 <= self.wrong_step_fraction < 1.0):
+      raise ValueError(f"wrong_step_fraction must lie in [0, 1) (0: every solution correct), got "
+                       f"{self.wrong_step_fraction!r}.")
+    if self.wrong_step_position not in WRONG_STEP_POSITIONS:
+      raise ValueError(f"wrong_step_position must be one of {WRONG_STEP_POSITIONS}, got {self.wrong_step_position!r}.")
+    if self.wrong_step_kind not in WRONG_STEP_KINDS:
+      raise ValueError(f"wrong_step_kind must be one of {WRONG_STEP_KINDS}, got {self.wrong_step_kind!r}.")
 
   @property
   def spec(self) -> Difficulty:
@@ -183,7 +227,7 @@ class ArithTask:
     """Split membership, a function of the question text only: bucket(question) < heldout_fraction · 10⁴."""
     return _question_bucket(question) < round(self.heldout_fraction * _HASH_BUCKETS)
 
-  def _draw(self, rng: np.random.Generator) -> ArithProblem | None:
+  def _draw(self, rng: np.random.Generator, corrupt: np.random.Generator | None = None) -> ArithProblem | None:
     spec = self.spec
     num_ops = int(rng.integers(spec.min_ops, spec.max_ops + 1))
     ops = [spec.ops[int(k)] for k in rng.integers(0, len(spec.ops), size=num_ops)]
@@ -197,15 +241,42 @@ class ArithTask:
       return None
     expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:])])
     question = f"What is {expression}?"
-    solution = " ".join(f"{step}." for step in steps) + f" \\boxed{{{value}}}"
+    written, boxed = steps, value
+    if corrupt is not None:
+      written, boxed = self._wrong_solution(operands, ops, corrupt)
+    solution = " ".join(f"{step}." for step in written) + f" \\boxed{{{boxed}}}"
     return ArithProblem(expression=expression, question=question, prompt=format_prompt(question),
                         solution=solution, answer=value)
 
+  def _wrong_solution(self, operands: list[int], ops: list[str], rng: np.random.Generator) -> tuple[list[str], int]:
+    """Steps and boxed value with one step's result off by ±1 or ±2 (later steps follow from it); offsets that would
+    make a written result negative are skipped when ``allow_negative`` is False (none left: the solution stays
+    correct)."""
+    num_steps = len(ops)
+    if self.wrong_step_kind == "early_box":
+      steps, value = solve_expression(operands, ops)
+      if num_steps < 2:
+        return steps, value
+      return steps[:-1], int(steps[-2].split("=")[1])
+    step = {"first": 0, "last": num_steps - 1}.get(self.wrong_step_position, int(rng.integers(0, num_steps)))
+    first = int(rng.integers(0, len(_WRONG_OFFSETS)))
+    for offset in _WRONG_OFFSETS[first:] + _WRONG_OFFSETS[:first]:
+      steps, value = solve_expression(operands, ops, errors={step: offset})
+      if self.allow_negative or not any(s.split("=")[1].startswith("-") for s in steps):
+        return steps, value
+    return solve_expression(operands, ops)
+
   def _problem(self, stream: int, index: int) -> ArithProblem:
     want_heldout = stream == _HELDOUT_STREAM
+    corrupt = None
+    if stream == _TRAIN_STREAM and self.wrong_step_fraction > 0:
+      # Its own stream: whether (and how) problem `index` is corrupted does not depend on the problem's draws.
+      corrupt = np.random.default_rng([self.seed, _CORRUPTION_STREAM, index])
+      if corrupt.random() >= self.wrong_step_fraction:
+        corrupt = None
     for attempt in range(_MAX_DRAWS):
       rng = np.random.default_rng([self.seed, stream, index, attempt])
-      problem = self._draw(rng)
+      problem = self._draw(rng, corrupt)
       if problem is not None and self.is_heldout(problem.question) == want_heldout:
         return problem
     raise ValueError(f"no {'held-out' if want_heldout else 'train'} problem found in {_MAX_DRAWS} draws at "
