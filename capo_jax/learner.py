@@ -17,8 +17,13 @@ The steps share that forward:
 - ``make_subset_rl_step``: Theorem 5.1 acceptance (docs/MATH.md §3) over the step's prompt groups; the optimizer steps on
   the mean gradient of the accepted groups.
 
-All RL steps share one objective, ``rl_objective`` (surrogate, aggregation, row weights, KL tracking, metrics), of
-the per-token log-probabilities; ``rl_loss`` is that objective of the parameters.
+All RL steps share one objective, ``rl_objective`` (surrogate, aggregation, row weights, KL tracking, the
+sampler/learner agreement and mismatch corrections, metrics), of the per-token log-probabilities; ``rl_loss`` is
+that objective of the parameters.
+
+Every RL step is guarded (``guarded_update``): an update whose loss, gradient or update is not finite is skipped
+inside the jitted step — parameters and optimizer state come back unchanged — and reported as the metric
+``skipped_nonfinite`` (1.0 for a skipped update, else 0.0) for the host loop to count (docs/RELIABILITY.md).
 
 Everything here is a function of explicit arrays and pytrees; the host loop (``experiments/run.py``) only moves data.
 """
@@ -39,7 +44,7 @@ from capo_jax import curvature
 from capo_jax import curvature_full
 from capo_jax.config import LossConfig
 from capo_jax.logprobs import token_logprobs, token_logprobs_from_hidden
-from capo_jax.losses import policy_loss
+from capo_jax.losses import aggregate_token_losses, policy_loss
 
 PyTree = Any
 
@@ -52,7 +57,10 @@ class SequenceBatch(NamedTuple):
     attention_mask_bs: ``[B, S]`` 0/1, real tokens.
     completion_mask_bn: ``[B, N]`` 0/1, completion tokens that count in the loss (through EOS).
     advantages_b: ``[B]`` float32 (zeros for supervised batches).
-    old_logprobs_bn: ``[B, N]`` float32 behaviour log-probs (used when ratios are not 1).
+    old_logprobs_bn: ``[B, N]`` float32 behaviour log-probs: of each sampled token under the distribution the
+      sampler drew it from (tempered and, with top-k/top-p, filtered; ``capo_jax.rollout``). The old policy of the
+      ratio when ratios are not 1; always the reference of the sampler/learner agreement metrics
+      (``sampler_agreement``) and of the mismatch corrections (``mismatch_correction``).
     ref_logprobs_bn: ``[B, N]`` float32 reference log-probs (used with a KL penalty).
     row_weight_b: ``[B]`` float32, 1 for real rows, 0 for padding rows (dynamic sampling keeps shapes fixed).
   """
@@ -142,6 +150,76 @@ def completion_logits(graphdef: nnx.GraphDef, params: nnx.State, batch: Sequence
   return jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
+def sampler_agreement(logprobs_bn: jax.Array, batch: SequenceBatch) -> dict[str, jax.Array]:
+  """How far the learner's log-probs of the sampled tokens are from the sampler's, over the completion tokens.
+
+      sampler_learner_kl           = mean_t (logπ_sampler(a_t) − logπ_learner(a_t))
+      sampler_learner_max_abs_diff = max_t |logπ_learner(a_t) − logπ_sampler(a_t)|
+
+  With a_t ~ π_sampler the first is the unbiased (k1) Monte-Carlo estimate of KL(π_sampler ‖ π_learner) per token
+  (docs/MATH.md §1.4); under top-k/top-p filtering it is exactly −log of the probability mass the filter kept, per
+  position. At the first update of a batch both measure the sampler/learner mismatch alone (bf16 or KV-cache
+  numerics, filtering); at later updates of a multi-pass step they include the policy's own change. Differences,
+  never exponentials: nothing overflows (a −inf sampler log-prob gives inf, which the host loop reports).
+  """
+  sg = jax.lax.stop_gradient
+  valid = batch.completion_mask_bn > 0
+  diff = jnp.where(valid, sg(logprobs_bn).astype(jnp.float32) - batch.old_logprobs_bn.astype(jnp.float32), 0.0)
+  count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+  return {"sampler_learner_kl": -jnp.sum(diff) / count, "sampler_learner_max_abs_diff": jnp.max(jnp.abs(diff))}
+
+
+def mismatch_correction(logprobs_bn: jax.Array, batch: SequenceBatch, loss: LossConfig
+                        ) -> tuple[jax.Array | None, jax.Array | None, dict[str, jax.Array]]:
+  """The rollout/learner mismatch corrections of ``loss``: ``(token_weight_bn, row_keep_b, metrics)``.
+
+  With Δ_t = logπ_learner(a_t) − logπ_sampler(a_t) (gradient-free) over the completion tokens:
+
+      TIS (``tis_cap`` = C):                  w_t = min(π_learner/π_sampler, C) = exp(min(Δ_t, log C))
+      sequence mask (``seq_mask_max_logprob_diff`` = δ):  keep_i = [mean_t |Δ_t| ≤ δ]
+
+  ``w_t`` multiplies token t's surrogate (``rl_objective``); ``keep_i`` is a 0/1 token mask over row i, multiplied
+  into CAPO's mask like any token mask (a dropped row then counts in a sequence-mean as a row whose every token was
+  rejected). Both are formed in log space: w ≤ C, and a NaN or infinite Δ drops its row (NaN ≤ δ is false).
+  ``None`` for a correction that is off. Metrics: ``tis_weight_mean``, ``tis_truncated_fraction`` (tokens with
+  π_learner/π_sampler > C) over the completion tokens; ``seq_mask_dropped_fraction`` over the real rows.
+  """
+  sg = jax.lax.stop_gradient
+  valid = batch.completion_mask_bn > 0
+  count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+  delta = jnp.where(valid, sg(logprobs_bn).astype(jnp.float32) - batch.old_logprobs_bn.astype(jnp.float32), 0.0)
+  weight, keep, metrics = None, None, {}
+  if loss.tis_cap is not None:
+    log_cap = math.log(loss.tis_cap)
+    weight = jnp.exp(jnp.minimum(delta, log_cap))
+    metrics["tis_weight_mean"] = jnp.sum(jnp.where(valid, weight, 0.0)) / count
+    metrics["tis_truncated_fraction"] = jnp.sum((valid & (delta > log_cap)).astype(jnp.float32)) / count
+  if loss.seq_mask_max_logprob_diff is not None:
+    tokens_b = jnp.sum(valid.astype(jnp.float32), axis=1)
+    mean_abs_b = jnp.sum(jnp.abs(delta), axis=1) / jnp.maximum(tokens_b, 1.0)
+    keep = (mean_abs_b <= loss.seq_mask_max_logprob_diff).astype(jnp.float32)
+    real = batch.row_weight_b > 0
+    metrics["seq_mask_dropped_fraction"] = (jnp.sum((real & (keep == 0)).astype(jnp.float32))
+                                            / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0))
+  return weight, keep, metrics
+
+
+def _weighted_surrogate_correction(logprobs_bn: jax.Array, batch: SequenceBatch, kept_bn: jax.Array,
+                                   weight_bn: jax.Array, objective: Objective) -> jax.Array:
+  """agg((w − 1) ⊙ ℓ) for the single-pass surrogate ℓ (ρ ≡ 1), so that ``policy_loss`` + this = agg(w ⊙ ℓ) + the
+  KL and entropy terms. At ρ ≡ 1 every surrogate has gradient −A_i ∇logπ(a_t); its per-token value is −A_i·ρ_t
+  (clip, GSPO: ρ_t = exp(logπ − sg logπ) = 1 inside every clip range) or −A_i·logπ(a_t) (CISPO, weight clip(1) = 1)
+  (docs/MATH.md §1.2). Masked slots are zeroed before any arithmetic, as in ``policy_loss``."""
+  sg = jax.lax.stop_gradient
+  kept = kept_bn > 0
+  lp = jnp.where(kept, logprobs_bn.astype(jnp.float32), 0.0)
+  adv_b = jnp.where(jnp.any(kept, axis=1), batch.advantages_b.astype(jnp.float32), 0.0)
+  per_token = lp if objective.loss.surrogate == "cispo" else jnp.exp(lp - sg(lp))
+  token_losses = -adv_b[:, None] * per_token * (sg(weight_bn) - 1.0)
+  return aggregate_token_losses(token_losses, kept, mode=objective.loss.aggregation,
+                                max_completion_length=objective.completion_length)
+
+
 def rl_objective(logprobs_bn: jax.Array, entropy_bn: jax.Array, batch: SequenceBatch, objective: Objective,
                  token_mask_bn: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The RL objective of one batch as a function of its per-token log-probs and entropies: ``(loss, metrics)``.
@@ -152,23 +230,37 @@ def rl_objective(logprobs_bn: jax.Array, entropy_bn: jax.Array, batch: SequenceB
   loss is a mean over the real rows). ``token_mask_bn``: an extra 0/1 mask multiplied into the completion mask (the
   rejected tokens leave the loss and its normalisation). Differentiable in ``logprobs_bn`` and ``entropy_bn``;
   ρ ≡ 1 (``objective.ratio_one``) uses ``stop_gradient(logprobs_bn)`` as the old log-probs.
+
+  The mismatch corrections of ``objective.loss`` (``mismatch_correction``) compose with that mask: the sequence
+  mask multiplies into it, and with TIS the surrogate term becomes agg(w ⊙ ℓ) (KL and entropy terms unweighted).
+  Metrics: ``policy_loss``'s, ``sampler_agreement``'s and the corrections'.
   """
   sg = jax.lax.stop_gradient
   row_w = batch.row_weight_b.astype(jnp.float32)
   cfg = objective.loss
   old = sg(logprobs_bn) if objective.ratio_one else batch.old_logprobs_bn
   use_ref = cfg.kl_coef > 0 or objective.track_kl
+  weight_bn, keep_b, correction_metrics = mismatch_correction(logprobs_bn, batch, cfg)
+  if keep_b is not None:
+    row_mask = jnp.broadcast_to(keep_b[:, None], logprobs_bn.shape)
+    token_mask_bn = row_mask if token_mask_bn is None else token_mask_bn * row_mask
+  completion = loss_completion_mask(batch)
   loss, metrics = policy_loss(
-      logprobs_bn, old, batch.advantages_b.astype(jnp.float32), loss_completion_mask(batch),
+      logprobs_bn, old, batch.advantages_b.astype(jnp.float32), completion,
       token_mask_bt=token_mask_bn, method=cfg.surrogate, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
       dual_clip=cfg.dual_clip, aggregation=cfg.aggregation, max_completion_length=objective.completion_length,
       ref_logprobs_bt=batch.ref_logprobs_bn if use_ref else None, kl_coef=cfg.kl_coef,
       kl_estimator=cfg.kl_estimator, entropy_bt=entropy_bn, entropy_coef=cfg.entropy_coef)
+  if weight_bn is not None:
+    if not objective.ratio_one:
+      raise ValueError("LossConfig.tis_cap weights the single-pass surrogate: use it with ratio_one=True.")
+    kept_bn = completion if token_mask_bn is None else completion * (token_mask_bn > 0)
+    loss = loss + _weighted_surrogate_correction(logprobs_bn, batch, kept_bn, weight_bn, objective)
   # Rows dropped by dynamic sampling are zero-weight padding: sequence-mean aggregations divide by all B rows, so
   # rescale to a mean over the real rows (token-mean already normalises by kept tokens).
   if cfg.aggregation != "token-mean":
     loss = loss * row_w.shape[0] / jnp.maximum(jnp.sum(row_w), 1.0)
-  return loss, dict(metrics, loss=sg(loss))
+  return loss, dict(metrics, **sampler_agreement(logprobs_bn, batch), **correction_metrics, loss=sg(loss))
 
 
 def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, objective: Objective,
@@ -195,7 +287,8 @@ def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, objective: Object
 
 def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
                  token_mask_fn: TokenMaskFn | None = None, *, pass_batch: bool = False):
-  """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``: one forward, one backward, one update.
+  """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``: one forward, one backward, one guarded
+  update (``guarded_update``: skipped, state unchanged, when anything is non-finite).
 
   ``pass_batch``: also hand the batch to ``optimizer.update(..., batch=batch)`` (the curvature trust region
   linearises the model on it).
@@ -207,9 +300,11 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
         params, graphdef, batch, opt_state, objective, token_mask_fn)
     if pass_batch:
       update_kwargs = dict(update_kwargs, batch=batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params, **update_kwargs)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
-    return optax.apply_updates(params, updates), opt_state, metrics
+    params, opt_state, updates, finite = guarded_update(True, optimizer, grads, opt_state, params, metrics["loss"],
+                                                        **update_kwargs)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                   skipped_nonfinite=1.0 - finite.astype(jnp.float32))
+    return params, opt_state, metrics
 
   return step
 
@@ -376,9 +471,11 @@ def make_fullnet_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransf
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch: SequenceBatch):
     grads, aux = grads_fn(params, opt_state, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params, **aux.update_kwargs)
-    metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
-    return optax.apply_updates(params, updates), opt_state, metrics
+    params, opt_state, updates, finite = guarded_update(True, optimizer, grads, opt_state, params,
+                                                        aux.metrics["loss"], **aux.update_kwargs)
+    metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                   skipped_nonfinite=1.0 - finite.astype(jnp.float32))
+    return params, opt_state, metrics
 
   return step
 
@@ -488,9 +585,11 @@ def make_subset_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch: SequenceBatch):
     grads, aux = grads_fn(params, opt_state, batch)
-    params, opt_state, updates = update_if(jnp.any(aux.accepted_s), optimizer, grads, opt_state, params,
-                                           **aux.update_kwargs)
-    metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
+    # The whole batch's loss decides finiteness (a NaN subset is never accepted, so its gradient alone would not).
+    params, opt_state, updates, finite = guarded_update(jnp.any(aux.accepted_s), optimizer, grads, opt_state,
+                                                        params, aux.metrics["loss"], **aux.update_kwargs)
+    metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                   skipped_nonfinite=1.0 - finite.astype(jnp.float32))
     return params, opt_state, metrics
 
   return step
@@ -503,3 +602,27 @@ def update_if(take: jax.Array, optimizer: optax.GradientTransformation, grads: P
   updates = jax.tree.map(lambda u: jnp.where(take, u, jnp.zeros_like(u)), updates)
   opt_state = jax.tree.map(lambda new, old: jnp.where(take, new, old), new_state, opt_state)
   return optax.apply_updates(params, updates), opt_state, updates
+
+
+def all_finite(*trees: PyTree) -> jax.Array:
+  """``[]`` bool: every inexact leaf of every tree is finite (integer leaves always are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def guarded_update(take: Any, optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree,
+                   params: PyTree, loss: jax.Array, **update_kwargs) -> tuple[PyTree, PyTree, PyTree, jax.Array]:
+  """``update_if`` that also skips a non-finite step: ``(params, opt_state, applied updates, finite)``.
+
+  finite = [loss, every gradient and every update are finite]; the step is applied iff ``take`` and finite, else
+  parameters and optimizer state are returned unchanged (``jnp.where`` per leaf, so a NaN never reaches them and the
+  selection fuses with the update: no extra copy of the parameters). ``finite`` is what the host loop counts
+  (``skipped_nonfinite``); a ``take`` = False step is not a non-finite one.
+  """
+  updates, new_state = optimizer.update(grads, opt_state, params, **update_kwargs)
+  finite = all_finite(loss, grads, updates)
+  apply = jnp.logical_and(take, finite)
+  updates = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates)
+  opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, opt_state)
+  return optax.apply_updates(params, updates), opt_state, updates, finite

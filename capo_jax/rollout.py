@@ -3,6 +3,16 @@
 ``Rollout`` holds the jitted pieces (the reference policy's log-probs take the reference parameters as an argument)
 and turns the step's problems into the fixed-shape batch the learner consumes, together with the texts, rewards and
 counts the host loop logs.
+
+Behaviour log-probs. The batch's ``old_logprobs_bn`` are the log-probabilities of the sampled tokens under the
+distribution the sampler drew them from. The sampler reports logπ_T(a) = log softmax(z / T)[a] of the untruncated
+tempered policy; with a top-k or top-p filter the token was drawn from that policy renormalised over the kept set K,
+
+    logπ_sampler(a) = logπ_T(a) − log Σ_{v ∈ K} π_T(v)      (``filtered_log_mass``: the second term, per position)
+
+so the learner's agreement metrics and mismatch corrections (``capo_jax.learner.sampler_agreement``,
+``mismatch_correction``) compare it with the distribution that produced the data. Without a filter the sampler's
+values are used as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +30,11 @@ from capo_jax import learner
 from capo_jax import sequences
 from capo_jax.config import LossConfig, RolloutConfig
 from capo_jax.evaluation import decode
+from capo_jax.sampling.logits_processing import process_logits, scale_logits
 from capo_jax.sampling.sampler import pad_prompts, sample
+
+# Positions per chunk of ``filtered_log_mass`` are chosen so that one chunk's logits stay under this many floats.
+_LOGITS_CHUNK_FLOATS = 1 << 25
 
 
 class RolloutResult(NamedTuple):
@@ -38,6 +52,33 @@ def keep_informative_groups(rewards_b: np.ndarray, group_size: int) -> np.ndarra
   return np.repeat((groups.max(1) > groups.min(1)).astype(np.float32), group_size)
 
 
+def filtered_log_mass(graphdef: nnx.GraphDef, params, tokens_bs: jax.Array, attention_mask_bs: jax.Array,
+                      completion_length: int, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """``[B, N]`` float32 log Σ_{v ∈ K_t} π_T(v): the log of the probability mass the sampler's top-k/top-p filter kept
+  at each completion position (≤ 0; 0 without a filter), from the model's completion logits.
+
+  Equal to LSE(process_logits(z_t)) − LSE(z_t / T) (``capo_jax.sampling.process_logits``: the same shift, filters and
+  ties as the sampler), formed a chunk of positions at a time so the ``[B, N, V]`` logits are never stored.
+  """
+  hidden_bnh, w_vh, _ = learner.completion_hidden(graphdef, params, tokens_bs, attention_mask_bs, completion_length)
+  rows, n, h = hidden_bnh.shape
+  vocab = w_vh.shape[0]
+  chunk = max(1, min(n, _LOGITS_CHUNK_FLOATS // max(rows * vocab, 1)))
+  num_chunks = -(-n // chunk)
+  padded = jnp.pad(hidden_bnh, ((0, 0), (0, num_chunks * chunk - n), (0, 0)))
+  chunks_cbkh = jnp.transpose(padded.reshape(rows, num_chunks, chunk, h), (1, 0, 2, 3))
+
+  def one_chunk(hidden_bkh):
+    logits = jnp.einsum("bkh,vh->bkv", hidden_bkh, w_vh.astype(hidden_bkh.dtype),
+                        preferred_element_type=jnp.float32).reshape(rows * chunk, vocab)
+    kept = jax.nn.logsumexp(process_logits(logits, temperature, top_k, top_p), axis=-1)
+    full = jax.nn.logsumexp(scale_logits(logits, temperature), axis=-1)
+    return jnp.minimum(kept - full, 0.0).reshape(rows, chunk)
+
+  out_cbk = jax.lax.map(one_chunk, chunks_cbkh)
+  return jnp.transpose(out_cbk, (1, 0, 2)).reshape(rows, num_chunks * chunk)[:, :n]
+
+
 class Rollout:
   """Samples ``group_size`` completions of each problem with the current policy and builds the learner batch."""
 
@@ -48,6 +89,9 @@ class Rollout:
     n_new, temperature = rollout.max_new_tokens, rollout.temperature
     self._reference_logprobs = jax.jit(lambda ref_params, tokens, mask: learner.completion_logprobs(
         graphdef, ref_params, tokens, mask, n_new, temperature=temperature)[0])
+    self.filtering = rollout.top_k > 0 or rollout.top_p < 1.0
+    self._filtered_log_mass = jax.jit(lambda params, tokens, mask: filtered_log_mass(
+        graphdef, params, tokens, mask, n_new, temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p))
     estimator, group_size = loss.advantage_estimator, rollout.group_size
     self._advantages = jax.jit(lambda r: adv_lib.compute_advantages(r, group_size, estimator))
 
@@ -74,7 +118,11 @@ class Rollout:
     attention = jnp.concatenate([out.prompt_mask, out.completion_mask], axis=1)
     ref_lp = (self._reference_logprobs(ref_params, tokens, attention) if self.with_reference
               else jnp.zeros_like(out.logprobs))
-    batch = learner.SequenceBatch(tokens, attention, out.completion_mask, advantages, out.logprobs, ref_lp,
+    behaviour_lp = out.logprobs
+    if self.filtering:
+      log_mass = self._filtered_log_mass(params, tokens, attention)
+      behaviour_lp = jnp.where(out.completion_mask > 0, out.logprobs - log_mass, out.logprobs)
+    batch = learner.SequenceBatch(tokens, attention, out.completion_mask, advantages, behaviour_lp, ref_lp,
                                   jnp.asarray(row_weight))
     return RolloutResult(batch, rewards, texts, row_weight, int(np.asarray(out.completion_mask).sum()),
                          time.time() - t0)

@@ -4,8 +4,20 @@
                               [--workdir=runs/my-run]
 
 Writes into the workdir: config.gin (operative config), metrics.jsonl, tensorboard/, checkpoints/ (Orbax) and
-plots/*.png. Rerunning with the same workdir resumes from its latest checkpoint; a workdir holding checkpoints of a
-different config is refused before anything in it is touched.
+plots/*.png. Rerunning with the same workdir resumes from its latest checkpoint, verified first (with
+--allow_fallback, from the newest one that passes); a workdir holding checkpoints of a different config is refused
+before anything in it is touched.
+
+A user error never shows a traceback: one line ``error: ...`` naming the field or file and the fix, and the exit
+status says what happened (docs/RELIABILITY.md):
+
+    0  the run finished (the summary line shows NaN as nan and counts the skipped updates)
+    2  bad input: flags, gin files or bindings, config values, paths (workdir, cache, init_from), another run's workdir
+    3  diverged: ReliabilityConfig.max_consecutive_skips steps in a row with a non-finite update (the last good
+       checkpoint is intact)
+    4  the newest checkpoint failed verification (rerun with --allow_fallback to resume from the previous one)
+
+The ``--fault_*`` flags inject faults for the tests and ``experiments/reliability.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +28,8 @@ import logging as std_logging
 import os
 import signal
 import sys
+import threading
+import tokenize
 
 from absl import app
 from absl import flags
@@ -31,8 +45,17 @@ _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); searc
 _GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "Gin binding(s), e.g. OptimizerConfig.learning_rate=1e-4.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default runs/<config>-<timestamp>).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Warm-start cache (default: a 'cache' folder beside the workdir).")
+_ALLOW_FALLBACK = flags.DEFINE_bool("allow_fallback", False,
+                                    "Resume from the newest checkpoint that passes verification, moving failing ones "
+                                    "to rejected_checkpoints/ (default: a failing newest checkpoint stops the run).")
 _SIGKILL_AFTER = flags.DEFINE_integer("fault_sigkill_after_step", None,
                                       "Fault injection: SIGKILL this process after the given step's metrics row.")
+_SIGKILL_AT = flags.DEFINE_string("fault_sigkill_at", None,
+                                  "Fault injection: PHASE:STEP[:DELAY_S] — SIGKILL this process DELAY_S seconds after "
+                                  "phase PHASE (setup, rollout, learner, eval, save) of step STEP starts.")
+_NAN_STEPS = flags.DEFINE_list("fault_nan_steps", [], "Fault injection: steps whose batch gets NaN advantages.")
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_BAD_CHECKPOINT = 2, 3, 4
 
 
 class UsageError(Exception):
@@ -69,12 +92,22 @@ def parse_config(gin_files: list[str], gin_params: list[str]):
       gin.parse_config_files_and_bindings(paths, gin_params)
     config = config_lib.TrainConfig()
   except config_lib.ConfigError as e:
-    raise UsageError(f"bad config: {e}") from e
-  except (ValueError, TypeError, KeyError, SyntaxError, ImportError, OSError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UsageError(f"bad config: {_without_gin_context(e)}") from e
+  except (ValueError, TypeError, LookupError, AttributeError, SyntaxError, tokenize.TokenError, ImportError,
+          OSError) as e:
+    lines = _without_gin_context(e).splitlines()
+    first = lines[0] if lines else type(e).__name__
+    if isinstance(e, tokenize.TokenError):
+      first = f"unbalanced brackets or quotes in a binding ({e.args[0] if e.args else e})"
     raise UsageError(f"bad gin config: {first} — check the binding names against capo_jax/config.py (PolicyConfig, "
                      "RolloutConfig, OptimizerConfig, LossConfig, CurvatureConfig, EvalConfig, ...).") from e
   return config, gin.operative_config_str(), config_lib.config_fingerprint(gin.config_str())
+
+
+def _without_gin_context(error: BaseException) -> str:
+  """The error's message without the "In call to configurable ..." lines gin appends to it."""
+  lines = [line for line in str(error).strip().splitlines() if not line.strip().startswith("In call to configurable")]
+  return "\n".join(lines).strip()
 
 
 @contextlib.contextmanager
@@ -106,27 +139,86 @@ def _sigkill_hook(kill_step: int | None):
   return hook
 
 
+def _fault_hook(spec: str | None):
+  """``trainer.train``'s ``fault`` callable of a ``--fault_sigkill_at`` value (None: no hook)."""
+  if spec is None:
+    return None
+  from capo_jax.trainer import FAULT_PHASES  # pylint: disable=g-import-not-at-top
+  parts = spec.split(":")
+  try:
+    phase, step, delay = parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
+    if phase not in FAULT_PHASES or len(parts) > 3 or delay < 0:
+      raise ValueError
+  except (IndexError, ValueError):
+    raise UsageError(f"--fault_sigkill_at={spec!r}: expected PHASE:STEP[:DELAY_S] with PHASE one of "
+                     f"{', '.join(FAULT_PHASES)}, e.g. learner:3:0.5.") from None
+
+  def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  def hook(p: str, s: int) -> None:
+    if p == phase and s == step:
+      if delay:
+        timer = threading.Timer(delay, kill)
+        timer.daemon = True  # a run that ends first exits normally
+        timer.start()
+      else:
+        kill()
+
+  return hook
+
+
+def _nan_steps(values: list[str]) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise UsageError(f"--fault_nan_steps={','.join(values)!r}: expected step numbers, e.g. 2,3.") from None
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def _summary(rows: list[dict], workdir: str) -> str:
+  """The closing line: start and final held-out accuracy (NaN prints as nan) and the skipped updates."""
+  evals = [r for r in rows if "eval_accuracy" in r]
+  skipped = sum(float(r.get("skipped_nonfinite") or 0) for r in rows)
+  losses = [r["loss"] for r in rows if "loss" in r]
+  parts = []
+  if evals:
+    parts.append(f"eval_accuracy start={float(evals[0]['eval_accuracy']):.3f} "
+                 f"final={float(evals[-1]['eval_accuracy']):.3f}")
+  if losses:
+    parts.append(f"final_loss={float(losses[-1]):.4g}")
+  parts.append(f"skipped_updates={skipped:g}")
+  return " ".join(parts) + f" workdir={workdir}"
+
+
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from capo_jax import trainer  # pylint: disable=g-import-not-at-top
-  from capo_jax.checkpointing import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+  from capo_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capo_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   try:
+    fault = _fault_hook(_SIGKILL_AT.value)
+    nan_steps = _nan_steps(_NAN_STEPS.value)
     config, config_text, fingerprint = parse_config(_GIN_FILE.value, _GIN_PARAM.value)
     workdir = _WORKDIR.value or default_workdir(_GIN_FILE.value)
     print(f"{trainer.describe(config)} → {workdir}", flush=True)
     rows = trainer.train(config, workdir, config_text=config_text, fingerprint=fingerprint,
-                         cache_dir=_CACHE_DIR.value, after_step=_sigkill_hook(_SIGKILL_AFTER.value))
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (trainer.WorkdirError, CheckpointMismatchError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  evals = [r for r in rows if "eval_accuracy" in r]
-  if evals:
-    print(f"eval_accuracy start={evals[0]['eval_accuracy']:.3f} final={evals[-1]['eval_accuracy']:.3f} "
-          f"workdir={workdir}")
+                         cache_dir=_CACHE_DIR.value, after_step=_sigkill_hook(_SIGKILL_AFTER.value),
+                         allow_fallback=_ALLOW_FALLBACK.value, fault=fault, fault_nan_steps=nan_steps)
+  except (UsageError, ConfigError, trainer.InputError, checkpointing.CheckpointMismatchError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except (trainer.DivergedError, checkpointing.NonFiniteStateError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_DIVERGED
+  except checkpointing.CheckpointCorruptError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_CHECKPOINT
+  print(_summary(rows, workdir))
   return 0
 
 

@@ -22,17 +22,17 @@ PRESETS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR,
 
 
 def test_the_config_folder_is_complete():
-  assert len(RUN_CONFIGS) == 12 and len(PRESETS) == 8, (RUN_CONFIGS, PRESETS)
+  assert len(RUN_CONFIGS) == 13 and len(PRESETS) == 9, (RUN_CONFIGS, PRESETS)
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_every_run_config_parses_and_builds_its_optimizer_and_learner(name):
   cfg, text, fingerprint = run.parse_config([name], [])
-  assert isinstance(cfg.task, ArithTask) and cfg.task.difficulty == 0
+  assert isinstance(cfg.task, ArithTask) and cfg.task.difficulty == 0 and cfg.task.wrong_step_fraction == 0.6
   assert cfg.optimizer.learning_rate == (5e-4 if "aggressive" in name else 1e-4)
   algorithm = name[len("arith_"):-len(".gin")].replace("_aggressive", "")
   assert cfg.name == algorithm and f"TrainConfig.name = '{algorithm}'" in text and len(fingerprint) == 16
-  _, capo = components.build_optimizer(cfg)
+  _, capo = components.build_optimizer(cfg, logits_fn=lambda params, batch: None)  # built, not run
   assert capo is not None  # arith_base.gin turns the monitor on for every algorithm
   assert (cfg.curvature.mode == "last_layer") == algorithm.endswith("capo")
   assert math.isfinite(cfg.curvature.tau_fisher) == algorithm.endswith("capo")
@@ -55,6 +55,12 @@ def test_algorithm_presets_bind_independent_fields_with_the_released_thresholds(
     assert cfg.curvature == cfg_lib.CurvatureConfig.from_preset(released, monitor=True)
     assert (cfg.curvature.tau_fisher, cfg.curvature.tau_hessian) == (want.tau_fisher, want.tau_hessian)
   assert f"LossConfig.advantage_estimator = '{estimator}'" in text
+
+
+def test_kl_target_preset():
+  cfg, _, _ = run.parse_config(["arith_kl_target.gin"], [])
+  assert cfg.curvature.step_control == "kl_target" and cfg.curvature.max_kl == 2e-3 and cfg.curvature.max_scale == 4.0
+  assert cfg.loss.advantage_estimator == "grpo" and cfg.curvature.mode == "none"
 
 
 def test_trust_region_preset():

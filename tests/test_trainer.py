@@ -140,7 +140,7 @@ def test_bad_input_fails_cleanly_without_touching_the_workdir(tmp_path, cache_di
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
   unwritable = _run_cli([f"--gin_file={_write_gin(tmp_path, 'grpo')}", f"--workdir={blocker / 'run'}"])
-  assert unwritable.returncode == 1 and "not writable" in unwritable.stderr
+  assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
 
   # A workdir with checkpoints of another config (GRPO, 2 steps) is refused and left byte-identical.
   workdir = tmp_path / "other"
@@ -148,7 +148,7 @@ def test_bad_input_fails_cleanly_without_touching_the_workdir(tmp_path, cache_di
   before = _digest(workdir)
   clash = _run_cli([f"--gin_file={_write_gin(tmp_path, 'capo')}", f"--workdir={workdir}",
                     f"--cache_dir={cache_dir}"])
-  assert clash.returncode == 1 and "different config" in clash.stderr
+  assert clash.returncode == 2 and "different config" in clash.stderr
   assert _digest(workdir) == before
 
 
@@ -230,6 +230,7 @@ EchoDigitTask.offset = 3
 TrainConfig.num_steps = 2
 EvalConfig.every = 2
 RolloutConfig.max_new_tokens = 8
+WarmStartConfig.steps = 150
 """)
   workdir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}", JAX_PLATFORMS="cpu")
