@@ -17,6 +17,7 @@ The public API is re-exported here flatly; each stage of the RL step lives in on
 - ``capo_jax.masked_transform`` CAPO's token mask as an optax transformation
 - ``capo_jax.curvature_full``   full-network directional model, Theorem-5.1 subset acceptance
 - ``capo_jax.trust_region``     curvature trust region on the step (optax transformation)
+- ``capo_jax.step_size``        curvature-controlled step size: meet a predicted-KL target (optax transformation)
 - ``capo_jax.ops``              shared kernels: the exact top-K for XLA:CPU, time chunking; ``capo_jax.validation``
 - ``capo_jax.learner``          jitted SFT / RL learner steps
 - ``capo_jax.components``       configs → the optax chain and the learner step
@@ -94,8 +95,10 @@ from capo_jax.config import (
     CurvatureConfig,
     EvalConfig,
     LossConfig,
+    MeshConfig,
     OptimizerConfig,
     PolicyConfig,
+    ReliabilityConfig,
     RolloutConfig,
     TrainConfig,
     WarmStartConfig,
@@ -117,6 +120,8 @@ from capo_jax.rewards import (
 from capo_jax.tasks import ArithTask, Problem, Task
 from capo_jax.sampling import Sampler, SampleOutput, SamplingParams, pad_prompts, sample
 from capo_jax.tokenization import check_tokenizer_fits, load_tokenizer
+from capo_jax.checkpointing import CheckpointCorruptError, CheckpointError, NonFiniteStateError
+from capo_jax.step_size import kl_target_transform
 from capo_jax.trust_region import TrustRegionState, trust_region_scale, trust_region_step, trust_region_transform
 
 __version__ = "0.1.0"

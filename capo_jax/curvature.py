@@ -648,5 +648,3 @@ def preset(name: str) -> CurvatureMaskConfig:
   return by_key[normalise(name)]
 
 
-# ``learner.py`` still calls ``curvature._check_positive``; the check itself is ``validation.check_positive``.
-_check_positive = validation.check_positive

@@ -42,6 +42,7 @@ from flax import nnx
 
 from capo_jax import curvature
 from capo_jax import curvature_full
+from capo_jax import validation
 from capo_jax.config import LossConfig
 from capo_jax.logprobs import token_logprobs, token_logprobs_from_hidden
 from capo_jax.losses import aggregate_token_losses, policy_loss
@@ -413,11 +414,11 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
     pass_batch: also hand the batch to ``optimizer.update`` (the curvature trust region; it then scales the proposal
       too).
   """
-  curvature._check_positive("tau_fisher", tau_fisher)
+  validation.check_positive("tau_fisher", tau_fisher)
   if second_order:
     if tau_hessian is None:
       raise ValueError("second_order=True applies the Hessian rule: pass tau_hessian (or second_order=False).")
-    curvature._check_positive("tau_hessian", tau_hessian)
+    validation.check_positive("tau_hessian", tau_hessian)
   tau_h = tau_hessian if second_order else None
   forward, with_entropy = _policy_forward(graphdef, objective)
   completion_length = objective.completion_length
