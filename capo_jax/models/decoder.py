@@ -21,6 +21,10 @@ body is rematerialised in the backward pass according to `ModelConfig.remat` (a 
 run in NNX's tree mode (`graph=False`), which accepts a model merged outside the enclosing JAX transform (the
 sampler merges once, outside its `lax.while_loop`).
 
+Meshes: under `jax.set_mesh(mesh)` the rows of the embeddings, of every block's input and output and of the final
+hidden states are pinned to the mesh's batch axes (`capo_jax.models.partitioning.constrain_rows`; a no-op without a
+mesh), so that a weight split over `fsdp` is gathered per layer rather than the activations per batch.
+
 KV cache: a plain pytree (`KVCache`) with k/v of shape [L,B,S,K,D], per-slot validity [B,S] and one scalar write
 index shared by the batch (left padding keeps rows aligned). A call with a cache writes its T new keys/values at
 slots [index, index+T), attends over all S slots with the causal + validity mask, and returns the cache with
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capo_jax.models.config import ModelConfig
+from capo_jax.models.partitioning import constrain_rows
 
 
 class KVCache(NamedTuple):
@@ -200,7 +205,7 @@ def _scan_layers(layers: DecoderLayer, x_bth, cos_btf, sin_btf, mask_b1ts, remat
   """x ← block_l(x) for l = 0..L-1 through one `nnx.scan` (no cache), the body checkpointed per `remat`."""
 
   def body(x_bth, layer):
-    return layer(x_bth, cos_btf, sin_btf, mask_b1ts)[0]
+    return constrain_rows(layer(constrain_rows(x_bth), cos_btf, sin_btf, mask_b1ts)[0])
 
   policy = _REMAT_POLICIES[remat]
   if remat != "none":
@@ -215,8 +220,9 @@ def _scan_layers_with_cache(layers: DecoderLayer, x_bth, cos_btf, sin_btf, mask_
 
   def body(carry, layer, layer_index):
     x_bth, k_cache, v_cache = carry
-    x_bth, (k_cache, v_cache, _, _) = layer(x_bth, cos_btf, sin_btf, mask_b1ts, (k_cache, v_cache, layer_index, index))
-    return x_bth, k_cache, v_cache
+    x_bth, (k_cache, v_cache, _, _) = layer(constrain_rows(x_bth), cos_btf, sin_btf, mask_b1ts,
+                                            (k_cache, v_cache, layer_index, index))
+    return constrain_rows(x_bth), k_cache, v_cache
 
   num_layers = k_cache.shape[0]  # = L, checked against the config by the caller
   return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, graph=False)(
@@ -310,7 +316,7 @@ class CausalLM(nnx.Module):
     allowed_b1ts = (causal_ts[None] & (key_valid_bs[:, None, :] | self_ts[None]))[:, None]
 
     cos_btf, sin_btf = rope_cos_sin(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
-    x_bth = self.embed(tokens_bt)
+    x_bth = constrain_rows(self.embed(tokens_bt))
     if cache is None:
       x_bth = _scan_layers(self.layers, x_bth, cos_btf, sin_btf, allowed_b1ts, cfg.remat)
       new_cache = None
@@ -319,7 +325,7 @@ class CausalLM(nnx.Module):
           self.layers, x_bth, cos_btf, sin_btf, allowed_b1ts, cache.k, cache.v, cache.index)
       new_cache = KVCache(k=k_cache, v=v_cache, valid=key_valid_bs, index=cache.index + t)
 
-    hidden_bth = self.norm(x_bth)
+    hidden_bth = constrain_rows(self.norm(x_bth))
     if cache is not None:
       # A traced index past the free slots cannot raise; poison the output so the overflow is seen, not wrong logits.
       overflow = cache.index + t > cache.valid.shape[1]

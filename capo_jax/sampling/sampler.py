@@ -30,10 +30,18 @@ The KV cache holds the model's compute dtype unless ``cache_dtype`` says otherwi
 cache of a float32 model; keys/values are rounded once when written and attention still runs in the compute dtype).
 It has exactly ``L_p + N`` slots, so decoding never runs past it; the model itself rejects writes past a full cache
 (``capo_jax.models.CausalLM``).
+
+On a device mesh (``mesh=``, a ``capo_jax.sharding.make_mesh``): the parameters are placed by
+``capo_jax.sharding.param_shardings``, the prompt rows and every per-row array of the decode state over
+``data × fsdp``, and the KV cache [L, R, S, K, D] by ``capo_jax.sharding.kv_cache_shardings`` (rows over
+``data × fsdp``, key/value heads over ``tensor``), pinned with ``with_sharding_constraint`` in the prefill and in every
+decode step; both are traced under ``jax.set_mesh(mesh)`` (the model's own activation hints). The tokens are those of
+the unsharded sampler for the same key (the random bits do not depend on the sharding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple, Sequence
@@ -44,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from capo_jax import sharding as sharding_lib
 from capo_jax.models import KVCache
 from capo_jax.sampling.logits_processing import sample_tokens, token_logprobs_at_temperature
 
@@ -146,15 +155,35 @@ def _emit(state: _DecodeState, logits_rv, params: SamplingParams, stop_ids_re, p
   )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "cache_dtype"))
+def _constrain_cache(cache: KVCache, mesh) -> KVCache:
+  """The cache pinned to ``capo_jax.sharding.kv_cache_shardings`` (unchanged without a mesh)."""
+  if mesh is None:
+    return cache
+  return jax.lax.with_sharding_constraint(cache, sharding_lib.kv_cache_shardings(cache, mesh))
+
+
+def _constrain_decode_state(s: _DecodeState, mesh) -> _DecodeState:
+  """The decode state's cache and per-row arrays pinned to the mesh (rows over ``data × fsdp``; unchanged without a
+  mesh)."""
+  if mesh is None:
+    return s
+  rows = lambda x: jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(("batch",) + (None,) * (x.ndim - 1),
+                                                                       x.shape, mesh)))
+  return s._replace(cache=_constrain_cache(s.cache, mesh), last_token_r=rows(s.last_token_r),
+                    position_r=rows(s.position_r), done_r=rows(s.done_r), tokens_rn=rows(s.tokens_rn),
+                    mask_rn=rows(s.mask_rn), logprobs_rn=rows(s.logprobs_rn))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "cache_dtype", "mesh"))
 def _prefill(graphdef, state, prompt_tokens_bp, prompt_mask_bp, key, params, stop_ids_re, pad_id, *,
-             num_samples: int, max_new_tokens: int, cache_dtype: str | None):
+             num_samples: int, max_new_tokens: int, cache_dtype: str | None, mesh=None):
   model = nnx.merge(graphdef, state)
   num_prompts, prompt_len = prompt_tokens_bp.shape
   rows = num_prompts * num_samples
   mask_bp = prompt_mask_bp.astype(bool)
   # S = L_p + N slots; the last drawn token is never fed, the spare slot keeps S round (e.g. 256 + 512 = 768).
-  cache = model.init_cache(num_prompts, prompt_len + max_new_tokens, cache_dtype)
+  cache = _constrain_cache(model.init_cache(num_prompts, prompt_len + max_new_tokens, cache_dtype), mesh)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1, dtype=jnp.int32) - 1, 0)
   out = model(prompt_tokens_bp, positions_bp, mask_bp, cache, return_logits=False)
   logits_bv = _last_logits(model, out.hidden)
@@ -174,11 +203,12 @@ def _prefill(graphdef, state, prompt_tokens_bp, prompt_mask_bp, key, params, sto
       logprobs_rn=jnp.zeros((rows, max_new_tokens), jnp.float32),
       key=key,
   )
-  return _emit(state0, logits_rv, params, stop_ids_re, pad_id)
+  return _constrain_decode_state(_emit(_constrain_decode_state(state0, mesh), logits_rv, params, stop_ids_re, pad_id),
+                                 mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("decode_state",))
-def _decode(graphdef, state, decode_state: _DecodeState, params, stop_ids_re, pad_id) -> _DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("decode_state",))
+def _decode(graphdef, state, decode_state: _DecodeState, params, stop_ids_re, pad_id, mesh=None) -> _DecodeState:
   model = nnx.merge(graphdef, state)
   max_new_tokens = decode_state.tokens_rn.shape[1]
 
@@ -188,7 +218,7 @@ def _decode(graphdef, state, decode_state: _DecodeState, params, stop_ids_re, pa
   def body(s: _DecodeState):
     out = model(s.last_token_r[:, None], s.position_r[:, None], None, s.cache)
     s = s._replace(cache=out.cache, position_r=s.position_r + 1)
-    return _emit(s, out.logits[:, 0], params, stop_ids_re, pad_id)
+    return _constrain_decode_state(_emit(s, out.logits[:, 0], params, stop_ids_re, pad_id), mesh)
 
   return jax.lax.while_loop(cond, body, decode_state)
 
@@ -248,6 +278,7 @@ def sample(
     stop_ids: Sequence[int] | chex.Array | None = None,
     pad_id: int = 0,
     cache_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SampleOutput:
   """Samples ``num_samples`` (G) completions for each left-padded prompt with a KV cache.
 
@@ -266,6 +297,7 @@ def sample(
     pad_id: token written after a row's first stop token.
     cache_dtype: dtype of the KV cache ("float32" | "bfloat16" | "float16"; static); None: the model's compute dtype.
       Equal to the compute dtype it changes nothing.
+    mesh: a ``capo_jax.sharding.make_mesh`` mesh to sample on (module docstring); None: wherever ``state`` lives.
 
   Returns:
     :class:`SampleOutput` with R = P·G rows.
@@ -296,10 +328,15 @@ def sample(
     cache_dtype = name
   stop_ids_re = _stop_ids_array(stop_ids, prompt_tokens.shape[0], num_samples)
   pad = jnp.asarray(pad_id, jnp.int32)
-  decode_state = _prefill(graphdef, state, prompt_tokens.astype(jnp.int32), prompt_mask.astype(jnp.int32), key,
-                          params, stop_ids_re, pad, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                          cache_dtype=cache_dtype)
-  decode_state = _decode(graphdef, state, decode_state, params, stop_ids_re, pad)
+  prompt_tokens, prompt_mask = prompt_tokens.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+  if mesh is not None:
+    state = jax.device_put(state, sharding_lib.param_shardings(state, mesh))
+    rows = jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", None), prompt_tokens.shape, mesh))
+    prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), rows)
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # the model's activation hints
+    decode_state = _prefill(graphdef, state, prompt_tokens, prompt_mask, key, params, stop_ids_re, pad,
+                            num_samples=num_samples, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, mesh=mesh)
+    decode_state = _decode(graphdef, state, decode_state, params, stop_ids_re, pad, mesh=mesh)
   return SampleOutput(
       completion_tokens=decode_state.tokens_rn,
       completion_mask=decode_state.mask_rn,
@@ -324,7 +361,8 @@ class Sampler:
   """
 
   def __init__(self, model_or_graphdef, state: nnx.State | None = None, *, pad_id: int = 0,
-               stop_ids: Sequence[int] | None = None, cache_dtype: str | None = None):
+               stop_ids: Sequence[int] | None = None, cache_dtype: str | None = None,
+               mesh: jax.sharding.Mesh | None = None):
     if state is None:
       graphdef, state = nnx.split(model_or_graphdef)
     else:
@@ -333,6 +371,7 @@ class Sampler:
     self.pad_id = pad_id
     self.stop_ids = stop_ids
     self.cache_dtype = cache_dtype
+    self.mesh = mesh
 
   def update_state(self, state: nnx.State) -> None:
     self.state = state
@@ -346,6 +385,7 @@ class Sampler:
         stop_ids=self.stop_ids if stop_ids is None else stop_ids,
         pad_id=self.pad_id if pad_id is None else pad_id,
         cache_dtype=self.cache_dtype,
+        mesh=self.mesh,
     )
 
 

@@ -1,0 +1,420 @@
+"""Device meshes and partition rules: the policy, its optimizer state (CAPO's included), learner batches and the KV
+cache as sharded ``jax.Array``s, and the learner step jitted over them.
+
+A mesh has three axes (``capo_jax.config.MeshConfig``):
+
+    data    replicas: batch rows split, parameters and optimizer state replicated
+    fsdp    batch rows split, parameters and optimizer state split (gathered per use inside the step)
+    tensor  attention heads, MLP width and the vocabulary split (Megatron-style)
+
+Batch rows are split over ``data × fsdp``. Parameters are named by logical axes through ``PARAM_RULES`` (a table keyed
+by the parameter's path, so the model code carries no annotation), and the logical axes map to mesh axes through
+``LOGICAL_AXIS_RULES``:
+
+    parameter                                   shape          logical axes              mesh axes
+    embed/embedding, lm_head/weight             [V, H]         (vocab, embed)            (tensor, fsdp)
+    layers/self_attn/q_proj/kernel              [L, H, N·D]    (layers, embed, heads)    (−, fsdp, tensor)
+    layers/self_attn/{k,v}_proj/kernel          [L, H, K·D]    (layers, embed, kv_heads) (−, fsdp, tensor)
+    layers/self_attn/o_proj/kernel              [L, N·D, H]    (layers, heads, embed)    (−, tensor, fsdp)
+    layers/mlp/{gate,up}_proj/kernel            [L, H, F]      (layers, embed, mlp)      (−, fsdp, tensor)
+    layers/mlp/down_proj/kernel                 [L, F, H]      (layers, mlp, embed)      (−, tensor, fsdp)
+    q/k/v biases [L, N·D | K·D]: the out axis as its kernel's; norms, o_proj/down_proj biases [L, H] or [H]: replicated
+
+The stacked layer axis L is never split (``nnx.scan`` slices it per block). A dimension that the mesh axis does not
+divide is replicated instead (e.g. K = 2 key/value heads on tensor = 4), so every mesh shape runs; the memory model
+of docs/SCALING.md assumes the split shapes.
+
+Optimizer states hold params-shaped subtrees (Adam's μ, ν); their leaves match the same rules by path suffix, and CAPO's
+shadow moments (``ShadowAdamState.mu``/``nu``, [V, H]) follow the unembedding. Every other leaf (counts, CAPO's mask
+statistics, trust-region scalars) is replicated.
+
+Axis types: the mesh is built with ``AxisType.Auto``. The loss and CAPO code carry no sharding annotations, so XLA's
+SPMD partitioner propagates the shardings of the step's inputs and outputs through them (with ``Explicit`` axes every
+contraction over a split dimension, reshape and gather of that code would need an explicit output sharding). The one
+hint inside the model pins the rows of its activations to ``data × fsdp`` under ``jax.set_mesh``
+(``capo_jax.models.partitioning``): ``jit_learner_step`` traces the step under it, so every weight split over ``fsdp``
+is gathered one layer at a time inside the scan. Only where a collective must be a particular one is it written out
+with ``jax.shard_map``: ``vocab_parallel_top_k`` (per-shard top-K, then a merge of the T·K candidates).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from capo_jax.config import MESH_AXES, MeshConfig
+from capo_jax.models import KVCache
+from capo_jax.models.partitioning import BATCH_AXES
+
+PyTree = Any
+
+# Logical axis → mesh axis (None: replicated).
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+}
+
+# (regular expression searched in the "/"-joined parameter path, logical axes of the leaf). First match wins; the
+# expressions are anchored at the end, so an optimizer-state leaf (``…/mu/layers/self_attn/q_proj/kernel``) matches
+# the rule of its parameter.
+PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(^|/)embed/embedding$", ("vocab", "embed")),
+    (r"(^|/)lm_head/weight$", ("vocab", "embed")),
+    (r"(^|/)shadow/(mu|nu)$", ("vocab", "embed")),  # CAPO's shadow Adam moments of the unembedding
+    (r"(^|/)self_attn/q_proj/kernel$", ("layers", "embed", "heads")),
+    (r"(^|/)self_attn/q_proj/bias$", ("layers", "heads")),
+    (r"(^|/)self_attn/(k|v)_proj/kernel$", ("layers", "embed", "kv_heads")),
+    (r"(^|/)self_attn/(k|v)_proj/bias$", ("layers", "kv_heads")),
+    (r"(^|/)self_attn/o_proj/kernel$", ("layers", "heads", "embed")),
+    (r"(^|/)self_attn/o_proj/bias$", ("layers", "norm")),
+    (r"(^|/)mlp/(gate|up)_proj/kernel$", ("layers", "embed", "mlp")),
+    (r"(^|/)mlp/(gate|up)_proj/bias$", ("layers", "mlp")),
+    (r"(^|/)mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"(^|/)mlp/down_proj/bias$", ("layers", "norm")),
+    (r"(^|/)layers/(input_layernorm|post_attention_layernorm)/weight$", ("layers", "norm")),
+    (r"(^|/)norm/weight$", ("norm",)),
+)
+_COMPILED_RULES = tuple((re.compile(pattern), axes) for pattern, axes in PARAM_RULES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Meshes.
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ``(data, fsdp, tensor)`` mesh of ``cfg`` over ``devices`` (default: every device of every process).
+
+  ``jax.make_mesh`` orders the devices for the hardware topology (on TPU the tensor axis lands on the fastest
+  links); the axes are ``AxisType.Auto`` (module docstring).
+
+  Raises:
+    ConfigError: the axis sizes do not multiply to the number of devices.
+  """
+  cfg = MeshConfig() if cfg is None else cfg
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = cfg.axis_sizes(len(devices))
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto_detect: bool = False) -> bool:
+  """``jax.distributed.initialize`` for a multi-process run; call it before any other JAX call. Returns whether it
+  initialized.
+
+  Each argument falls back to the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+  ``JAX_PROCESS_ID``); given (all three), they define the run (multi-node GPU, or several processes on one host).
+  Otherwise ``auto_detect`` lets JAX find the cluster itself (every worker of a TPU pod slice, SLURM, Open MPI,
+  Kubernetes), and without it a single process returns without initializing. On the CPU backend the cross-process
+  collectives use gloo.
+
+  Raises:
+    ValueError: some but not all of the three settings are given, or an environment value is not an integer.
+  """
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  given = [x is not None for x in (address, count, index)]
+  if any(given) and not all(given):
+    raise ValueError("a multi-process run needs all of coordinator address, number of processes and process id "
+                     f"(got address={address!r}, num_processes={count!r}, process_id={index!r}); pass all three "
+                     "(flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or none with "
+                     "auto_detect on a TPU pod slice or a SLURM / Open MPI job.")
+  if not any(given) and not auto_detect:
+    return False
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(address, count, index)
+  return True
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
+  return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Partition rules.
+
+
+def path_names(path) -> str:
+  """A pytree key path as "a/b/c" (dict keys, attribute and field names, sequence indices; nnx's ``value`` dropped)."""
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  if names and names[-1] == "value":
+    names.pop()
+  return "/".join(names)
+
+
+def logical_axes(path: str) -> tuple[str | None, ...] | None:
+  """The logical axes ``PARAM_RULES`` gives the leaf at ``path`` ("a/b/c"), or None when no rule matches."""
+  for pattern, axes in _COMPILED_RULES:
+    if pattern.search(path):
+      return axes
+  return None
+
+
+def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+  if axes is None:
+    return 1
+  names = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[name] for name in names]))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+  """``PartitionSpec`` of an array of ``shape`` with logical ``axes``: each logical axis → its mesh axes
+  (``LOGICAL_AXIS_RULES``), replicated where those mesh axes do not divide the dimension or are already used by an
+  earlier dimension."""
+  if len(axes) != len(shape):
+    raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for an array of rank {len(shape)} "
+                     f"(shape {tuple(shape)}).")
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    if name is not None and name not in LOGICAL_AXIS_RULES:
+      raise ValueError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}.")
+    mesh_axes = None if name is None else LOGICAL_AXIS_RULES[name]
+    names = () if mesh_axes is None else ((mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes))
+    names = tuple(n for n in names if n in mesh.shape and n not in used)
+    if not names or size % _mesh_axis_size(mesh, names) or _mesh_axis_size(mesh, names) == 1:
+      spec.append(None)
+      continue
+    used.update(names)
+    spec.append(names[0] if len(names) == 1 else names)
+  return P(*spec)
+
+
+def param_specs(params: PyTree, mesh: Mesh) -> PyTree:
+  """The ``PartitionSpec`` of every parameter (a tree like ``params``: arrays or ``ShapeDtypeStruct``s).
+
+  Raises:
+    ValueError: a parameter no rule of ``PARAM_RULES`` covers, or one whose rank differs from its rule's (the
+      message names the path and the fix).
+  """
+
+  def spec(path, leaf):
+    name = path_names(path)
+    axes = logical_axes(name)
+    if axes is None:
+      raise ValueError(f"no partition rule for parameter {name} (shape {tuple(leaf.shape)}); add a "
+                       "(path pattern, logical axes) entry to capo_jax.sharding.PARAM_RULES.")
+    if len(axes) != len(leaf.shape):
+      raise ValueError(f"parameter {name} has shape {tuple(leaf.shape)} but its rule gives {len(axes)} logical axes "
+                       f"{axes}; fix its entry in capo_jax.sharding.PARAM_RULES.")
+    return logical_to_spec(axes, leaf.shape, mesh)
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+  """``NamedSharding`` of every parameter (``param_specs`` on ``mesh``)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def state_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
+  """``NamedSharding`` of every leaf of any state tree (an optimizer state, a checkpointed train state): a leaf whose
+  path ends like a parameter's and whose rank is its rule's is split like that parameter; every other leaf is
+  replicated."""
+
+  def sharding(path, leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    axes = logical_axes(path_names(path))
+    if axes is None or len(axes) != len(shape):
+      return replicated(mesh)
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+  return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def batch_spec(ndim: int) -> P:
+  """Rows (axis 0) over ``data × fsdp``, the other axes replicated."""
+  return P(BATCH_AXES, *([None] * (ndim - 1))) if ndim else P()
+
+
+def batch_shardings(batch: PyTree, mesh: Mesh) -> PyTree:
+  """``NamedSharding`` of every leaf of a batch (rows on axis 0, e.g. a ``SequenceBatch``): rows over
+  ``data × fsdp``; scalars replicated.
+
+  Raises:
+    ValueError: a leaf whose row count ``data × fsdp`` does not divide (make the batch a multiple of it).
+  """
+  rows_split = _mesh_axis_size(mesh, BATCH_AXES)
+
+  def sharding(path, leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if not shape:
+      return replicated(mesh)
+    if shape[0] % rows_split:
+      raise ValueError(f"batch leaf {path_names(path) or '<root>'} has {shape[0]} rows, not a multiple of "
+                       f"data × fsdp = {rows_split}; make the rows per step a multiple of it.")
+    return NamedSharding(mesh, batch_spec(len(shape)))
+
+  return jax.tree_util.tree_map_with_path(sharding, batch)
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+  """A global batch from this process's rows: ``jax.make_array_from_process_local_data`` per leaf with
+  ``batch_shardings``. One process: the rows are the whole batch; P processes: each passes its B/P rows
+  (``process_rows`` of the global batch) and the result has B rows."""
+  local = jax.tree.map(np.asarray, batch)
+  num_processes = jax.process_count()
+
+  def place(leaf, sharding):
+    shape = (leaf.shape[0] * num_processes, *leaf.shape[1:]) if leaf.ndim else ()
+    return jax.make_array_from_process_local_data(sharding, leaf, shape)
+
+  global_shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((x.shape[0] * num_processes, *x.shape[1:]) if x.ndim else (), x.dtype), local)
+  return jax.tree.map(place, local, batch_shardings(global_shapes, mesh))
+
+
+def process_rows(mesh: Mesh, num_rows: int) -> slice:
+  """The rows of a ``num_rows``-row global batch that live on this process's devices under ``batch_shardings``: the
+  rows this process must load, roll out and score, and hand to ``shard_batch``. One process: every row.
+
+  Raises:
+    ValueError: this process's rows are not one contiguous range (a mesh whose batch axes interleave processes).
+  """
+  sharding = NamedSharding(mesh, batch_spec(1))
+  starts = sorted({idx[0].start or 0 for idx in sharding.addressable_devices_indices_map((num_rows,)).values()})
+  size = num_rows // _mesh_axis_size(mesh, BATCH_AXES)
+  if starts != list(range(starts[0], starts[0] + size * len(starts), size)):
+    raise ValueError(f"this process's rows {starts} (each {size} long) are not contiguous; build the mesh with "
+                     "make_mesh so that each process holds a contiguous block of the data × fsdp axes.")
+  return slice(starts[0], starts[0] + size * len(starts))
+
+
+def kv_cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
+  """``NamedSharding``s of a ``KVCache`` (arrays or ``ShapeDtypeStruct``s): k/v [L, B, S, K, D] with rows over
+  ``data × fsdp`` and the K key/value heads over ``tensor`` (each replicated where not divisible), ``valid`` [B, S]
+  with rows split, ``index`` replicated."""
+  kv = logical_to_spec(("layers", "batch", None, "kv_heads", None), cache.k.shape, mesh)
+  valid = logical_to_spec(("batch", None), cache.valid.shape, mesh)
+  return KVCache(k=NamedSharding(mesh, kv), v=NamedSharding(mesh, kv), valid=NamedSharding(mesh, valid),
+                 index=replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placing state and jitting the learner step.
+
+
+def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
+  """A copy of ``params`` on ``mesh`` by ``param_shardings``, placed from host memory (device arrays are fetched
+  first: ``jax.device_put`` would let a replicated result share its first shard's buffer with a device array, and
+  donating the result to a learner step would then delete ``params``). Every process passes the whole ``params``;
+  a model too large for one host is restored straight onto the mesh instead (``abstract_state`` + Orbax)."""
+  return jax.device_put(jax.tree.map(np.asarray, params), param_shardings(params, mesh))
+
+
+def init_optimizer_state(optimizer, params: PyTree, mesh: Mesh) -> PyTree:
+  """``optimizer.init(params)`` computed directly into ``state_shardings`` (no replicated copy is ever built)."""
+  abstract = jax.eval_shape(optimizer.init, params)
+  return jax.jit(optimizer.init, out_shardings=state_shardings(abstract, mesh))(params)
+
+
+def abstract_state(tree: PyTree, shardings: PyTree) -> PyTree:
+  """``jax.ShapeDtypeStruct``s of ``tree`` (arrays or structs) carrying ``shardings``: the target of an Orbax
+  restore onto a mesh, or the arguments of ``jax.jit(...).lower`` (docs/SCALING.md's memory analysis)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class OnMesh:
+  """A jitted function that is traced, lowered and called under ``jax.set_mesh(mesh)`` (so the model's activation
+  hints apply). ``__call__`` and ``lower`` as the wrapped ``jax.jit`` object's."""
+
+  def __init__(self, jitted: Callable, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def jit_learner_step(step: Callable, mesh: Mesh, params: PyTree, opt_state: PyTree, batch: PyTree) -> OnMesh:
+  """``step(params, opt_state, batch) -> (params, opt_state, metrics)`` (any learner step of ``capo_jax.learner``,
+  jitted or not) jitted with explicit shardings: parameters by ``param_shardings``, optimizer state by
+  ``state_shardings``, batch rows over ``data × fsdp``, metrics replicated; traced under ``jax.set_mesh(mesh)``.
+  Parameters and optimizer state come back with the shardings they came in with and are donated.
+  ``params``/``opt_state``/``batch``: arrays or ``ShapeDtypeStruct``s (shapes only are read)."""
+  p_sh, o_sh = param_shardings(params, mesh), state_shardings(opt_state, mesh)
+  return OnMesh(jax.jit(step, in_shardings=(p_sh, o_sh, batch_shardings(batch, mesh)),
+                        out_shardings=(p_sh, o_sh, replicated(mesh)), donate_argnums=(0, 1)), mesh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel collectives.
+
+
+def _split_leading(mesh: Mesh, shape: Sequence[int], batch_axes: tuple[str, ...]) -> tuple[str, ...] | None:
+  names = tuple(a for a in batch_axes if a in mesh.shape)
+  if not names or not shape or shape[0] % _mesh_axis_size(mesh, names):
+    return None
+  return names
+
+
+def vocab_parallel_top_k(logits: jax.Array, k: int, mesh: Mesh, *, vocab_axis: str = "tensor",
+                         batch_axes: tuple[str, ...] = BATCH_AXES) -> tuple[jax.Array, jax.Array]:
+  """``jax.lax.top_k(logits, k)`` over a vocabulary split on ``vocab_axis``, with one all-gather of T·k candidates.
+
+  Shard s of T holds the columns [s·V/T, (s+1)·V/T). Each shard takes its local top-k (``lax.top_k``: descending,
+  ties by lower id) and offsets its ids by s·V/T; the T lists are all-gathered in shard order and ``lax.top_k`` of the
+  T·k candidates picks the global k. Every global top-k entry is in its shard's local top-k, and among equal values a
+  lower position in the gathered list is a lower id, so values, ids and their order equal ``lax.top_k`` of the whole
+  row. The leading axis stays split over ``batch_axes`` when they divide it.
+
+  Returns:
+    ``(values [..., k], ids [..., k] int32)``, replicated over ``vocab_axis``.
+  """
+  v = logits.shape[-1]
+  parts = mesh.shape[vocab_axis]
+  if v % parts:
+    raise ValueError(f"the vocabulary ({v}) must be a multiple of the {vocab_axis!r} axis ({parts}) to split it; pad "
+                     "the unembedding to a multiple or use jax.lax.top_k on the unsplit logits.")
+  if not 0 < k <= v // parts:
+    raise ValueError(f"k={k} must be in [1, V/{parts} = {v // parts}] for the per-shard top-k.")
+  lead = _split_leading(mesh, logits.shape, batch_axes)
+  rest = [None] * (logits.ndim - 2)
+  in_spec = P(lead, *rest, vocab_axis) if logits.ndim > 1 else P(vocab_axis)
+  out_spec = P(lead, *rest, None) if logits.ndim > 1 else P(None)
+
+  def local(z):
+    values, ids = jax.lax.top_k(z, k)
+    ids = ids.astype(jnp.int32) + jax.lax.axis_index(vocab_axis).astype(jnp.int32) * (v // parts)
+    all_values = jax.lax.all_gather(values, vocab_axis, axis=z.ndim - 1, tiled=True)
+    all_ids = jax.lax.all_gather(ids, vocab_axis, axis=z.ndim - 1, tiled=True)
+    top_values, pos = jax.lax.top_k(all_values, k)
+    return top_values, jnp.take_along_axis(all_ids, pos, axis=-1)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=in_spec, out_specs=(out_spec, out_spec), check_vma=False)(logits)
