@@ -5,10 +5,8 @@ and its algorithm's preset, and builds its run — policy, prompt-ready data, op
 The stand-in is a 2-layer, hidden-32 Qwen2 checkpoint with a ChatML tokenizer (`tests.test_eval_cli.
 write_boxed_answer_checkpoint`: it answers `\\boxed{2}` or `\\boxed{5}`, so rewards vary and the updates are real),
 and the data a tiny MATH-format JSONL written here; the configs' MODEL / TRAIN_DATA / EVAL_DATA macros are pointed at
-them with ``--gin_param``. Every config is parsed and built; two of them — qwen2.5-math-7b_capo (GRPO advantages,
-the last-layer mask) and qwen2.5-math-7b_drgrpo (Dr.GRPO advantages and aggregation, no mask) — also train 2 steps
-through ``trainer.train`` with steps, batch and completion length overridden to tiny values (prompt lengths stay
-the paper's 512).
+them with ``--gin_param``. Every config is parsed and built, and every one trains 2 steps through ``trainer.train``
+with steps, batch and completion length overridden to tiny values (prompt lengths stay the paper's 512).
 """
 
 import glob
@@ -138,8 +136,8 @@ def test_every_paper_config_binds_the_aggressive_regime_and_builds_its_run(name,
   ready.close()
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-math-7b_capo.gin", "qwen2.5-math-7b_drgrpo.gin"])
-def test_two_paper_configs_train_two_steps_on_the_stand_in(name, stand_in, tmp_path):
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_every_paper_config_trains_two_steps_on_the_stand_in(name, stand_in, tmp_path):
   _, _, bindings = stand_in
   cfg, text, fingerprint = parse(name, bindings + TINY)
   rows = trainer.train(cfg, str(tmp_path / "run"), config_text=text, fingerprint=fingerprint,
@@ -148,11 +146,14 @@ def test_two_paper_configs_train_two_steps_on_the_stand_in(name, stand_in, tmp_p
   evals = [r for r in rows if "eval_accuracy" in r]
   assert [r["step"] for r in steps] == [1, 2] and [r["step"] for r in evals] == [0, 2]
   # The cosine schedule's warm-up: update 0 at lr 0, update 1 (the end of the 1-update warm-up of 2) at the peak.
-  assert [r["lr"] for r in steps] == pytest.approx([0.0, 1.5e-5], abs=1e-12)
+  peak = 3e-6 if "conservative" in name else 1.5e-5
+  assert [r["lr"] for r in steps] == pytest.approx([0.0, peak], abs=1e-12)
   assert [r["completions"] for r in steps] == [8, 16]
   for r in steps:
     assert 0.0 < r["reward_mean"] < 1.0 and math.isfinite(r["loss"]) and r["grad_norm"] > 0.0
-  if name.endswith("capo.gin"):
+  if name.endswith("capo.gin"):  # CAPO, Dr.CAPO, ReinCAPO: the last-layer mask ran on every update
     assert all(math.isfinite(r["m_hessian_p99"]) and 0.0 <= r["rejected_token_fraction"] <= 1.0 for r in steps)
+  else:  # no mask: nothing rejected
+    assert all(r["rejected_token_fraction"] == 0.0 for r in steps)
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
   assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
