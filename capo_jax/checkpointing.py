@@ -23,6 +23,13 @@ succeeding, the restored arrays' sha256 equal to ``state_sha256``, the parameter
 ``CheckpointCorruptError`` naming the checkpoint and the file; with ``allow_fallback`` the checkpoint is moved to
 ``rejected_checkpoints/`` beside ``checkpoints/`` (logged) and the next older one is tried.
 
+Several processes (``jax.distributed``): every process calls ``save`` and ``restore`` with the same state; Orbax
+writes each process's shards into one checkpoint folder (a file system all of them see), process 0 alone writes
+the extra files and the manifest, renames, applies retention and moves rejected checkpoints, with a barrier of all
+processes around each of those steps. A state sharded over processes cannot be read whole by any of them: its
+``state_sha256`` is then built from ``_checksum64`` of each leaf, computed on the devices that hold it (recorded as
+``state_digest: checksum64`` in meta; it does not depend on the sharding, so such a checkpoint verifies on any mesh).
+
 Retention is done here, not by Orbax: after a save, checkpoints beyond the newest ``max_to_keep`` are deleted (each
 renamed away first, so a kill mid-delete leaves no half checkpoint under a step name), and never the newest one with
 a manifest while none of the kept ones has one.
@@ -42,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from capo_jax import sharding as sharding_lib
 
 PyTree = Any
 
@@ -81,7 +90,7 @@ def _leaf_bytes(leaf: Any) -> np.ndarray:
   leaf = jnp.asarray(leaf) if not isinstance(leaf, np.ndarray) else leaf
   if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.random.key_data(leaf)
-  return np.asarray(leaf, order="C")  # (np.ascontiguousarray would make a 0-d leaf 1-d)
+  return np.asarray(sharding_lib.to_host(leaf), order="C")  # (np.ascontiguousarray would make a 0-d leaf 1-d)
 
 
 def _parallel(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
@@ -92,21 +101,70 @@ def _parallel(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     return list(pool.map(fn, items))
 
 
-def state_digest(state: PyTree) -> tuple[str, list[list[Any]]]:
-  """``(sha256 hex, structure)`` of a pytree of arrays: the sha256 of each leaf's bytes (leaves hashed in parallel),
-  then one sha256 over each leaf's path, dtype, shape and digest in tree order; ``structure`` lists
-  ``[path, dtype, shape]`` per leaf."""
+DIGEST_SHA256, DIGEST_CHECKSUM = "sha256", "checksum64"
+
+
+def digest_kind(state: PyTree) -> str:
+  """``DIGEST_SHA256`` when this process holds every leaf whole (one process, any mesh), else ``DIGEST_CHECKSUM``
+  (a state sharded over several processes: no process can read its bytes)."""
+  whole = all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
+              for x in jax.tree.leaves(state))
+  return DIGEST_SHA256 if whole else DIGEST_CHECKSUM
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of ``x`` as a flat uint32 array (2-byte and 1-byte elements widened, 8-byte ones split in two)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksum64(x: jax.Array) -> jax.Array:
+  """Two 32-bit position-weighted sums of the bits of ``x`` (uint32[2]), computed where ``x`` lives (a sharded
+  array is summed per shard, then across devices; integer sums mod 2^32 do not depend on the order, so the value
+  does not depend on the sharding). Word w_i at flat position i adds (w_i ⊕ 0x9E3779B1·i)·(2i+1) to the first sum and
+  rot7(w_i)·(0x27D4EB2F·i | 1) + i to the second: each map of w_i is a bijection times an odd factor, so a change of
+  any single word changes both sums."""
+  w = _words(x)
+  i = jnp.arange(w.size, dtype=jnp.uint32)
+  first = jnp.sum((w ^ (i * jnp.uint32(0x9E3779B1))) * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  rot = (w << jnp.uint32(7)) | (w >> jnp.uint32(25))
+  second = jnp.sum(rot * ((i * jnp.uint32(0x27D4EB2F)) | jnp.uint32(1)) + i, dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+def state_digest(state: PyTree, kind: str = DIGEST_SHA256) -> tuple[str, list[list[Any]]]:
+  """``(sha256 hex, structure)`` of a pytree of arrays: a digest of each leaf, then one sha256 over each leaf's path,
+  dtype, shape and digest in tree order; ``structure`` lists ``[path, dtype, shape]`` per leaf.
+
+  ``kind`` ``DIGEST_SHA256``: the sha256 of each leaf's bytes (leaves hashed in parallel; a leaf sharded over
+  several processes is gathered first). ``DIGEST_CHECKSUM``: ``_checksum64`` of each leaf, computed on its devices
+  (no leaf leaves them) — the digest of a state sharded over processes (``digest_kind``)."""
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
 
   def one(item):
     path, leaf = item
+    if kind == DIGEST_CHECKSUM:
+      words = np.asarray(_checksum64(leaf))
+      dtype, shape = abstract_structure({"x": leaf})[0][1:]
+      return [jax.tree_util.keystr(path), dtype, shape], f"{int(words[0]):08x}{int(words[1]):08x}"
     array = _leaf_bytes(leaf)
     entry = [jax.tree_util.keystr(path), str(array.dtype), list(array.shape)]
     return entry, hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()  # the bytes, without a copy
 
+  if kind == DIGEST_CHECKSUM:
+    digests = [one(item) for item in leaves]  # device computations, in the same order on every process
+  else:
+    digests = _parallel(one, leaves)
+
   h = hashlib.sha256()
   structure = []
-  for entry, digest in _parallel(one, leaves):
+  for entry, digest in digests:
     structure.append(entry)
     h.update(json.dumps([*entry, digest]).encode())
   return h.hexdigest(), structure
@@ -253,22 +311,32 @@ class Checkpointer:
       raise NonFiniteStateError(f"refusing to save checkpoint {step}: parameter {bad} is not finite (the last "
                                 f"checkpoint, step {self.latest_step()}, is left as it is).")
     files = dict(files or {})
-    digest, structure = state_digest(state)
+    kind = digest_kind(state)
+    digest, structure = state_digest(state, kind)
     meta = dict(meta, fingerprint=self.fingerprint, step=int(step), state_sha256=digest, state_structure=structure,
                 files_sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
-    os.makedirs(self.directory, exist_ok=True)
-    self._remove_stale_temporaries()
-    staging = os.path.join(self.directory, f"{_STAGING}{step}-{time.time_ns()}")
+    if kind != DIGEST_SHA256:
+      meta["state_digest"] = kind
+    primary = sharding_lib.is_primary()
+    if primary:
+      os.makedirs(self.directory, exist_ok=True)
+      self._remove_stale_temporaries()
+    sharding_lib.sync(f"capo-checkpoint-{step}-staging")
+    # The same staging name on every process (Orbax writes one checkpoint from all of them).
+    staging = os.path.join(self.directory, f"{_STAGING}{step}")
     self._ckptr.save(staging, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)))
-    for name, data in files.items():
-      with open(os.path.join(staging, name), "wb") as f:
-        f.write(data)
-    _write_atomic(os.path.join(staging, MANIFEST), json.dumps(file_manifest(staging), indent=0).encode())
-    if os.path.exists(self.path(step)):  # a leftover of a run that resumed from an older checkpoint
-      self._delete(step)
-    os.replace(staging, self.path(step))  # the checkpoint appears complete, manifest included, or not at all
-    self._apply_retention()
+    sharding_lib.sync(f"capo-checkpoint-{step}-saved")
+    if primary:
+      for name, data in files.items():
+        with open(os.path.join(staging, name), "wb") as f:
+          f.write(data)
+      _write_atomic(os.path.join(staging, MANIFEST), json.dumps(file_manifest(staging), indent=0).encode())
+      if os.path.exists(self.path(step)):  # a leftover of a run that resumed from an older checkpoint
+        self._delete(step)
+      os.replace(staging, self.path(step))  # the checkpoint appears complete, manifest included, or not at all
+      self._apply_retention()
+    sharding_lib.sync(f"capo-checkpoint-{step}-done")
 
   def _remove_stale_temporaries(self) -> None:
     for name in os.listdir(self.directory):
@@ -354,7 +422,7 @@ class Checkpointer:
       raise CheckpointCorruptError(f"checkpoint {step} ({folder}): its state (state/) cannot be read "
                                    f"({_first_line(e)})", step=step, path=os.path.join(folder, "state")) from e
     if "state_sha256" in meta:
-      digest, _ = state_digest(state)
+      digest, _ = state_digest(state, meta.get("state_digest", DIGEST_SHA256))
       if digest != meta["state_sha256"]:
         raise CheckpointCorruptError(f"checkpoint {step}: the arrays read from {os.path.join(folder, 'state')} "
                                      "differ from those saved (state_sha256 mismatch)", step=step,
@@ -388,7 +456,8 @@ class Checkpointer:
         older = steps[:len(steps) - 1 - i]
         if not allow_fallback:
           raise self._not_restored(e, older) from e
-        rejected = self._reject(step)
+        rejected = self._reject(step) if sharding_lib.is_primary() else "rejected_checkpoints/"
+        sharding_lib.sync(f"capo-checkpoint-{step}-rejected")
         self.log(f"checkpoint {step} failed verification ({e}); moved to {rejected}"
                  + (f"; falling back to checkpoint {older[-1]}." if older else "."))
     raise CheckpointCorruptError(f"no checkpoint in {self.directory} passed verification (all were moved to "

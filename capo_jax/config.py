@@ -482,7 +482,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedu
 
 def config_fingerprint(explicit_bindings: str) -> str:
   """The resume identity of a run: a hash of ``CONFIG_VERSION`` and the explicit gin bindings (``gin.config_str()``,
-  includes expanded; comment and blank lines ignored)."""
+  includes expanded; comment and blank lines ignored). ``MeshConfig`` bindings are left out: the mesh says where the
+  run computes, not what (a run resumes on another mesh, docs/SCALING.md)."""
   lines = [line.strip() for line in explicit_bindings.splitlines()]
-  body = "\n".join(line for line in lines if line and not line.startswith("#"))
+  body = "\n".join(line for line in lines if line and not line.startswith(("#", "MeshConfig.")))
   return hashlib.sha256(f"version {CONFIG_VERSION}\n{body}".encode()).hexdigest()[:16]

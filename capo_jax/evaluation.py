@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from capo_jax import sequences
+from capo_jax import sharding
 from capo_jax.config import EvalConfig
 from capo_jax.eval_metrics import breakdown, maj_at_k, mean_at_k, pass_at_k
 from capo_jax.sampling.sampler import pad_prompts, sample
@@ -28,14 +29,14 @@ from capo_jax.tasks.base import problem_metadata
 
 def decode(tokenizer, tokens_rn, mask_rn) -> list[str]:
   """Completion texts of ``[R, N]`` token ids (positions outside the mask become padding, dropped as special)."""
-  mask = np.asarray(mask_rn)
-  tokens = np.asarray(tokens_rn) * mask + tokenizer.pad_token_id * (1 - mask)
+  mask = sharding.to_host(mask_rn)
+  tokens = sharding.to_host(tokens_rn) * mask + tokenizer.pad_token_id * (1 - mask)
   return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
 def sample_completions(graphdef, params, tokenizer, tokens_pl, mask_pl, key: jax.Array, *, num_samples: int,
                        temperature: float, top_p: float, max_new_tokens: int,
-                       stop_ids: Sequence[int] | None = None) -> list[str]:
+                       stop_ids: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None) -> list[str]:
   """The P·n decoded completions of P left-padded prompts, prompt-major (text ``p·n + j`` is sample j of prompt p).
 
   Args:
@@ -47,10 +48,11 @@ def sample_completions(graphdef, params, tokenizer, tokens_pl, mask_pl, key: jax
     temperature, top_p: the sampling distribution (temperature 0: greedy).
     max_new_tokens: the completion budget N.
     stop_ids: the ids that end a completion; default the tokenizer's eos.
+    mesh: sample on this mesh (``capo_jax.sampling.sample``); every process gets every completion.
   """
   stop_ids = [tokenizer.eos_token_id] if stop_ids is None else list(stop_ids)
   out = sample(graphdef, params, tokens_pl, mask_pl, key, max_new_tokens=max_new_tokens, num_samples=num_samples,
-               temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id)
+               temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh)
   return decode(tokenizer, out.completion_tokens, out.completion_mask)
 
 
@@ -114,12 +116,14 @@ def evaluate_samples(correct_pn, ks: Sequence[int], *, answers_pn: Sequence[Sequ
 class Evaluator:
   """Evaluates a policy on ``task.eval_problems(cfg.num_problems)``.
 
-  Metrics: ``eval_accuracy`` (mean correctness of k samples per problem = pass@1), ``eval_pass_at_{k}``,
+  With ``mesh`` the completions are sampled on it, and every process scores all of them (the same metrics
+  everywhere). Metrics: ``eval_accuracy`` (mean correctness of k samples per problem = pass@1), ``eval_pass_at_{k}``,
   ``eval_greedy_accuracy`` (with ``cfg.greedy``), ``eval_accuracy/<field>=<value>`` per metadata group, ``eval_s``.
   """
 
-  def __init__(self, task: Any, tokenizer, cfg: EvalConfig, *, max_prompt_length: int, max_new_tokens: int):
-    self.task, self.tokenizer, self.cfg = task, tokenizer, cfg
+  def __init__(self, task: Any, tokenizer, cfg: EvalConfig, *, max_prompt_length: int, max_new_tokens: int,
+               mesh: jax.sharding.Mesh | None = None):
+    self.task, self.tokenizer, self.cfg, self.mesh = task, tokenizer, cfg, mesh
     self.max_new_tokens = max_new_tokens
     self.problems = list(task.eval_problems(cfg.num_problems))
     if not self.problems:
@@ -130,7 +134,8 @@ class Evaluator:
   def score(self, graphdef, params, key, num_samples: int, temperature: float, top_p: float) -> np.ndarray:
     """``[num_problems, num_samples]`` rewards of sampled completions."""
     texts = sample_completions(graphdef, params, self.tokenizer, self.tokens, self.mask, key, num_samples=num_samples,
-                               temperature=temperature, top_p=top_p, max_new_tokens=self.max_new_tokens)
+                               temperature=temperature, top_p=top_p, max_new_tokens=self.max_new_tokens,
+                               mesh=self.mesh)
     problems = [p for p in self.problems for _ in range(num_samples)]
     rewards = np.asarray(self.task.score(texts, problems), np.float64)
     return rewards.reshape(len(self.problems), num_samples)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from capo_jax import advantages as adv_lib
 from capo_jax import learner
+from capo_jax import sharding
 from capo_jax import sequences
 from capo_jax.config import LossConfig, RolloutConfig
 from capo_jax.evaluation import decode
@@ -40,7 +41,7 @@ _LOGITS_CHUNK_FLOATS = 1 << 25
 class RolloutResult(NamedTuple):
   batch: learner.SequenceBatch
   rewards_b: np.ndarray  # float32 [B]
-  texts: list[str]
+  texts: list[str]  # this process's rows' completions (every row on one process)
   row_weight_b: np.ndarray  # float32 [B]: 0 for the rows of groups dropped by dynamic sampling
   num_completion_tokens: int
   seconds: float
@@ -80,11 +81,15 @@ def filtered_log_mass(graphdef: nnx.GraphDef, params, tokens_bs: jax.Array, atte
 
 
 class Rollout:
-  """Samples ``group_size`` completions of each problem with the current policy and builds the learner batch."""
+  """Samples ``group_size`` completions of each problem with the current policy and builds the learner batch.
+
+  With ``mesh`` the sampler runs on it (the batch's arrays come back split by rows); with several processes each
+  decodes and scores its own rows (``capo_jax.sharding.process_rows``) and the rewards are gathered, so that every
+  process computes the same advantages."""
 
   def __init__(self, graphdef: nnx.GraphDef, task: Any, tokenizer, rollout: RolloutConfig, loss: LossConfig, *,
-               track_kl: bool = True):
-    self.graphdef, self.task, self.tokenizer, self.cfg = graphdef, task, tokenizer, rollout
+               track_kl: bool = True, mesh: jax.sharding.Mesh | None = None):
+    self.graphdef, self.task, self.tokenizer, self.cfg, self.mesh = graphdef, task, tokenizer, rollout, mesh
     self.with_reference = loss.kl_coef > 0 or track_kl
     n_new, temperature = rollout.max_new_tokens, rollout.temperature
     self._reference_logprobs = jax.jit(lambda ref_params, tokens, mask: learner.completion_logprobs(
@@ -102,16 +107,24 @@ class Rollout:
     p_tokens, p_mask = pad_prompts(prompts, pad_id=tok.pad_token_id, max_length=cfg.max_prompt_length)
     out = sample(self.graphdef, params, p_tokens, p_mask, key, max_new_tokens=cfg.max_new_tokens,
                  num_samples=cfg.group_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
-    texts = decode(tok, out.completion_tokens, out.completion_mask)
-    rewards = np.asarray(self.task.score(texts, [p for p in problems for _ in range(cfg.group_size)]), np.float32)
+                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, mesh=self.mesh)
+    completion_mask = sharding.to_host(out.completion_mask)
+    num_rows = len(completion_mask)
+    # This process's rows: every row on one process; with several, each scores its own (whole groups).
+    rows = slice(0, num_rows) if self.mesh is None else sharding.process_rows(self.mesh, num_rows)
+    texts = decode(tok, sharding.to_host(out.completion_tokens)[rows], completion_mask[rows])
+    targets = [p for p in problems for _ in range(cfg.group_size)][rows]
+    rewards = np.asarray(self.task.score(texts, targets), np.float32)
     if rewards.shape != (len(texts),):
       raise ValueError(f"{type(self.task).__name__}.score returned shape {rewards.shape} for {len(texts)} "
                        "completions; it must return one float per completion.")
     if not np.all(np.isfinite(rewards)):
       raise ValueError(f"{type(self.task).__name__}.score returned {int(np.sum(~np.isfinite(rewards)))} non-finite "
                        "reward(s); a task's reward must be a finite float for every completion.")
+    rewards = sharding.gather_rows(rewards, rows, num_rows)
     advantages = self._advantages(jnp.asarray(rewards))
+    if self.mesh is not None:
+      advantages = np.asarray(advantages)  # placed on the mesh with the rest of the batch by the learner step
     row_weight = (keep_informative_groups(rewards, cfg.group_size) if cfg.dynamic_sampling
                   else np.ones(len(rewards), np.float32))
     tokens = jnp.concatenate([out.prompt_tokens, out.completion_tokens], axis=1)
@@ -124,5 +137,4 @@ class Rollout:
       behaviour_lp = jnp.where(out.completion_mask > 0, out.logprobs - log_mass, out.logprobs)
     batch = learner.SequenceBatch(tokens, attention, out.completion_mask, advantages, behaviour_lp, ref_lp,
                                   jnp.asarray(row_weight))
-    return RolloutResult(batch, rewards, texts, row_weight, int(np.asarray(out.completion_mask).sum()),
-                         time.time() - t0)
+    return RolloutResult(batch, rewards, texts, row_weight, int(completion_mask.sum()), time.time() - t0)

@@ -373,6 +373,71 @@ def jit_learner_step(step: Callable, mesh: Mesh, params: PyTree, opt_state: PyTr
                         out_shardings=(p_sh, o_sh, replicated(mesh)), donate_argnums=(0, 1)), mesh)
 
 
+class MeshLearnerStep:
+  """A learner step on ``mesh`` for whatever batch shape it is called with: ``jit_learner_step`` once per shape
+  (minibatches of one size share one compile), the batch placed by ``batch_shardings`` before each call (rows from
+  the sampler, or numpy, land where the step expects them). Called as the step itself: ``(params, opt_state, batch)
+  -> (params, opt_state, metrics)``."""
+
+  def __init__(self, step: Callable, mesh: Mesh):
+    self.step, self.mesh = step, mesh
+    self._compiled: dict[Any, OnMesh] = {}
+
+  def __call__(self, params: PyTree, opt_state: PyTree, batch: PyTree):
+    shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(batch))
+    if shapes not in self._compiled:
+      self._compiled[shapes] = jit_learner_step(self.step, self.mesh, params, opt_state, batch)
+    return self._compiled[shapes](params, opt_state, place_batch(batch, self.mesh))
+
+
+def place_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+  """``batch`` (global arrays or numpy holding every row, the same on every process) with its rows split over
+  ``data × fsdp`` (``batch_shardings``)."""
+  return jax.device_put(batch, batch_shardings(batch, mesh))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Every leaf (the same value on every process) replicated on ``mesh``: a PRNG key, a step counter."""
+  return jax.device_put(jax.tree.map(np.asarray, tree), replicated(mesh))
+
+
+def to_host(x: Any) -> np.ndarray:
+  """The whole value of ``x`` as numpy on this process: ``np.asarray`` when this process holds all of it (one
+  process, or a replicated array), else gathered from every process (``multihost_utils.process_allgather``)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_rows(local: np.ndarray, rows: slice, num_rows: int) -> np.ndarray:
+  """The ``num_rows``-row array whose rows ``rows`` are this process's ``local`` (numpy), the others gathered from
+  the processes that hold them (each passing its own ``process_rows``): every process gets the same array. One
+  process: ``local`` itself (it holds every row)."""
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  starts = np.asarray(multihost_utils.process_allgather(np.asarray([rows.start], np.int64)))
+  parts = np.asarray(multihost_utils.process_allgather(local))
+  out = np.zeros((num_rows, *local.shape[1:]), local.dtype)
+  for start, part in zip(starts.reshape(-1), parts):
+    out[int(start):int(start) + len(part)] = part
+  return out
+
+
+def sync(name: str) -> None:
+  """A barrier of every process (no-op with one): the file system writes of process 0 are visible after it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's logs, plots and host-side files (process 0)."""
+  return jax.process_index() == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary-parallel collectives.
 

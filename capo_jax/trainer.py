@@ -12,6 +12,13 @@ Reliability (docs/RELIABILITY.md):
   writable, a ``PolicyConfig.init_from`` folder complete (config, tokenizer, safetensors headers against their file
   sizes), the workdir free of another run. ``config.gin`` is written only once the setup has succeeded, so a
   corrected rerun in the same workdir starts cleanly. A bad input raises ``InputError`` (``WorkdirError``).
+- On several devices (``TrainConfig.mesh``, docs/SCALING.md) the parameters, optimizer state (CAPO's included) and
+  reference are sharded by ``capo_jax.sharding``'s rules, the sampler and the learner step run on the mesh, and
+  checkpoints are written and restored shard by shard. With several processes (``jax.distributed``) every process
+  runs this loop on the same global arrays: it reads the step's prompts (so every process pads them alike), decodes
+  the sampled completions and scores only its own rows (``sharding.process_rows``), and the rewards are gathered;
+  only process 0 writes ``config.gin``, ``metrics.jsonl``, TensorBoard and plots, while every process writes its
+  checkpoint shards.
 - A learner update whose loss, gradient or update is not finite is skipped inside the jitted step (parameters and
   optimizer state unchanged, ``skipped_nonfinite`` in the row, a warning here); ``ReliabilityConfig.
   max_consecutive_skips`` steps in a row with a skipped update stop the run with ``DivergedError``. A checkpoint
@@ -36,13 +43,14 @@ from flax import nnx
 from capo_jax import components
 from capo_jax import curvature
 from capo_jax import learner
+from capo_jax import sharding
 from capo_jax.checkpointing import Checkpointer, first_nonfinite
 from capo_jax.config import TrainConfig, config_fingerprint, learning_rate_schedule
 from capo_jax.evaluation import Evaluator
 from capo_jax.models.hf import load_hf
 from capo_jax.plots import plot_run
 from capo_jax.rollout import Rollout, RolloutResult
-from capo_jax.run_logging import MetricsWriter, read_metrics, restore_metrics
+from capo_jax.run_logging import MetricsWriter, format_row, read_metrics, restore_metrics
 from capo_jax.tasks.base import task_tokenizer
 from capo_jax.tasks.warm_start import warm_start, warm_start_key
 
@@ -316,6 +324,38 @@ def step_row(cfg: TrainConfig, step: int, result: RolloutResult, metrics: dict[s
   return row
 
 
+class _RowsInMemory:
+  """The metrics writer of a process other than 0: keeps the rows (as ``metrics.jsonl`` would read back), writes
+  nothing."""
+
+  def __init__(self, rows: list[dict[str, Any]]):
+    self.rows = rows
+
+  def write(self, row) -> None:
+    self.rows.append(json.loads(format_row(row)))
+
+  def offset(self) -> int:
+    return 0
+
+  def close(self) -> None:
+    pass
+
+
+def run_mesh(cfg: TrainConfig):
+  """The run's device mesh (``TrainConfig.mesh`` over every device of every process), or None on one device."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  if mesh.size == 1:
+    return None
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  for what, count in (("RolloutConfig.batch_size (prompts_per_step × group_size)", cfg.rollout.batch_size),
+                      ("the minibatch (batch_size / OptimizerConfig.num_minibatches)",
+                       cfg.rollout.batch_size // cfg.optimizer.num_minibatches)):
+    if count % rows:
+      raise InputError(f"{what} = {count} is not a multiple of MeshConfig data × fsdp = {rows}, which split its "
+                       "rows; change prompts_per_step or the mesh (e.g. MeshConfig.tensor).")
+  return mesh
+
+
 def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint: str | None = None,
           cache_dir: str | None = None, log: Callable[[str], None] = print, stop_after: int | None = None,
           after_step: Callable[[int], None] | None = None, allow_fallback: bool = False,
@@ -354,41 +394,62 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
   ckpt.check_compatible()  # before writing anything
   ckpt.precheck(allow_fallback=allow_fallback)
   preflight(cfg, workdir, cache_dir, fingerprint)
+  mesh = run_mesh(cfg)
+  primary = sharding.is_primary()
   resuming = ckpt.latest_step() is not None
   config_path = os.path.join(workdir, "config.gin")
 
-  # Setup: the policy, the reference, the jitted pieces.
+  # Setup: the policy, the reference, the jitted pieces. Process 0 loads first (it writes a warm start to the
+  # cache), the others after it, from the cache.
   fault("setup", 0)
-  tokenizer, model = load_policy(cfg, cache_dir, log)
+  if primary:
+    tokenizer, model = load_policy(cfg, cache_dir, log)
+  sharding.sync("capo-load-policy")
+  if not primary:
+    tokenizer, model = load_policy(cfg, cache_dir, lambda _: None)
   task = prompt_ready_task(cfg.task, tokenizer)
   graphdef, ref_params = nnx.split(model)
-  params = jax.tree.map(jnp.copy, ref_params)  # the learner donates its params; the reference stays intact
+  if mesh is None:
+    params = jax.tree.map(jnp.copy, ref_params)  # the learner donates its params; the reference stays intact
+  else:
+    params, ref_params = sharding.shard_params(ref_params, mesh), sharding.shard_params(ref_params, mesh)
 
   def logits_fn(params, batch: learner.SequenceBatch):
     return learner.completion_logits(graphdef, params, batch, cfg.rollout.max_new_tokens)
 
   optimizer, capo = components.build_optimizer(cfg, logits_fn)
   learner_step = components.make_learner_step(cfg, graphdef, optimizer, capo)
-  rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss)
+  rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss, mesh=mesh)
   evaluator = Evaluator(task, tokenizer, cfg.eval, max_prompt_length=cfg.rollout.max_prompt_length,
-                        max_new_tokens=cfg.rollout.max_new_tokens)
+                        max_new_tokens=cfg.rollout.max_new_tokens, mesh=mesh)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.num_steps)
 
-  state = TrainState(params, optimizer.init(params), jax.random.PRNGKey(cfg.seed), jnp.zeros((), jnp.int32))
+  key, step0 = jax.random.PRNGKey(cfg.seed), jnp.zeros((), jnp.int32)
+  if mesh is None:
+    state = TrainState(params, optimizer.init(params), key, step0)
+  else:
+    learner_step = sharding.MeshLearnerStep(learner_step, mesh)
+    key, step0 = sharding.replicate((key, step0), mesh)
+    state = TrainState(params, sharding.init_optimizer_state(optimizer, params, mesh), key, step0)
   position, consecutive = 0, 0
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if resuming:
     state, meta = ckpt.restore(state, allow_fallback=allow_fallback, params_of=lambda s: s.params)
     position, consecutive = int(meta["data_position"]), int(meta.get("consecutive_skips", 0))
-    restore_metrics(metrics_path, step=int(meta["step"]), offset=int(meta["metrics_offset"]),
-                    sha256=meta.get("files_sha256", {}).get("metrics.jsonl"),
-                    saved_copy=ckpt.saved_file(int(meta["step"]), "metrics.jsonl", meta), log=log)
+    if primary:
+      restore_metrics(metrics_path, step=int(meta["step"]), offset=int(meta["metrics_offset"]),
+                      sha256=meta.get("files_sha256", {}).get("metrics.jsonl"),
+                      saved_copy=ckpt.saved_file(int(meta["step"]), "metrics.jsonl", meta), log=log)
     log(f"resuming from step {int(state.step)} of {workdir}")
-  else:
+  elif primary:
     with open(config_path, "w") as f:
       f.write(f"# fingerprint: {fingerprint}\n{text}")
   start = int(state.step)
-  writer = MetricsWriter(workdir, resume=resuming, total_steps=cfg.num_steps, initial_step=start)
+  if primary:
+    writer = MetricsWriter(workdir, resume=resuming, total_steps=cfg.num_steps, initial_step=start)
+  else:
+    writer = _RowsInMemory(read_metrics(metrics_path) if resuming and os.path.exists(metrics_path) else [])
+  written_rows = (lambda: read_metrics(metrics_path)) if primary else (lambda: writer.rows)
 
   def evaluate(step: int, params) -> None:
     fault("eval", step)
@@ -399,17 +460,19 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
   def save(step: int) -> None:
     fault("save", step)
     offset = writer.offset()
-    with open(metrics_path, "rb") as f:
-      record = f.read(offset)
+    files = {}
+    if primary:
+      with open(metrics_path, "rb") as f:
+        files["metrics.jsonl"] = f.read(offset)
     ckpt.save(step, state, {"metrics_offset": offset, "data_position": position, "consecutive_skips": consecutive},
-              files={"metrics.jsonl": record}, params=state.params)
+              files=files, params=state.params)
 
   try:
     if start == 0:
       evaluate(0, state.params)
     for step in range(start, cfg.num_steps):
       if stop_after is not None and step - start >= stop_after:
-        return read_metrics(writer.path)
+        return written_rows()
       done = step + 1
       fault("rollout", done)
       key, rollout_key = jax.random.split(state.key)
@@ -423,7 +486,8 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
       t0 = time.time()
       params, opt_state, metrics = learn(learner_step, state, batch, cfg.optimizer.num_iterations,
                                          cfg.optimizer.num_minibatches)
-      state = TrainState(params, opt_state, key, jnp.asarray(done, jnp.int32))
+      step_done = jnp.asarray(done, jnp.int32) if mesh is None else sharding.replicate(np.int32(done), mesh)
+      state = TrainState(params, opt_state, key, step_done)
       position += cfg.rollout.prompts_per_step
       row = step_row(cfg, done, result, metrics, lr, time.time() - t0, state.opt_state)
       writer.write(row)
@@ -439,9 +503,9 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
     ckpt.close()
     if callable(getattr(task, "close", None)):
       task.close()
-  rows = read_metrics(metrics_path)
-  plot_run(rows, os.path.join(workdir, "plots"),
-           title=f"{cfg.name} lr={cfg.optimizer.learning_rate:g}")
+  rows = written_rows()
+  if primary:
+    plot_run(rows, os.path.join(workdir, "plots"), title=f"{cfg.name} lr={cfg.optimizer.learning_rate:g}")
   return rows
 
 
@@ -479,4 +543,4 @@ def describe(cfg: TrainConfig) -> str:
 
 __all__ = ["FAULT_PHASES", "RELIABILITY_METRIC_KEYS", "TIMING_KEYS", "DivergedError", "InputError", "TrainState",
            "WorkdirError", "check_model_folder", "check_safetensors_file", "check_workdir", "describe", "learn",
-           "load_policy", "preflight", "step_row", "train"]
+           "load_policy", "preflight", "run_mesh", "step_row", "train"]

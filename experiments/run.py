@@ -53,6 +53,15 @@ _SIGKILL_AFTER = flags.DEFINE_integer("fault_sigkill_after_step", None,
 _SIGKILL_AT = flags.DEFINE_string("fault_sigkill_at", None,
                                   "Fault injection: PHASE:STEP[:DELAY_S] — SIGKILL this process DELAY_S seconds after "
                                   "phase PHASE (setup, rollout, learner, eval, save) of step STEP starts.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process run (jax.distributed): HOST:PORT of process 0; with --num_processes "
+                                   "and --process_id, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID "
+                                   "(docs/SCALING.md).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index, 0 … N−1.")
+_AUTO_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                      "Let JAX find the cluster itself (every worker of a TPU pod slice, SLURM, Open "
+                                      "MPI): jax.distributed.initialize() with no arguments.")
 _NAN_STEPS = flags.DEFINE_list("fault_nan_steps", [], "Fault injection: steps whose batch gets NaN advantages.")
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_BAD_CHECKPOINT = 2, 3, 4
@@ -201,14 +210,21 @@ def main(argv) -> int:
   from capo_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from capo_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   try:
+    distributed = _initialize_distributed()
     fault = _fault_hook(_SIGKILL_AT.value)
     nan_steps = _nan_steps(_NAN_STEPS.value)
     config, config_text, fingerprint = parse_config(_GIN_FILE.value, _GIN_PARAM.value)
+    if distributed and not _WORKDIR.value:
+      raise UsageError("a multi-process run needs --workdir (the same folder, on a file system every process sees).")
     workdir = _WORKDIR.value or default_workdir(_GIN_FILE.value)
-    print(f"{trainer.describe(config)} → {workdir}", flush=True)
+    import jax  # pylint: disable=g-import-not-at-top
+    primary = jax.process_index() == 0
+    log = print if primary else (lambda _: None)
+    log(f"{trainer.describe(config)} → {workdir}" + (f" ({jax.process_count()} processes, {jax.device_count()} "
+                                                      "devices)" if distributed else ""))
     rows = trainer.train(config, workdir, config_text=config_text, fingerprint=fingerprint,
                          cache_dir=_CACHE_DIR.value, after_step=_sigkill_hook(_SIGKILL_AFTER.value),
-                         allow_fallback=_ALLOW_FALLBACK.value, fault=fault, fault_nan_steps=nan_steps)
+                         allow_fallback=_ALLOW_FALLBACK.value, fault=fault, fault_nan_steps=nan_steps, log=log)
   except (UsageError, ConfigError, trainer.InputError, checkpointing.CheckpointMismatchError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -218,8 +234,22 @@ def main(argv) -> int:
   except checkpointing.CheckpointCorruptError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_CHECKPOINT
-  print(_summary(rows, workdir))
+  if primary:
+    print(_summary(rows, workdir))
   return 0
+
+
+def _initialize_distributed() -> bool:
+  """``capo_jax.sharding.initialize_distributed`` from the flags (or the environment), before any JAX computation;
+  whether this is a multi-process run."""
+  from capo_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    started = sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                              auto_detect=_AUTO_DISTRIBUTED.value)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  import jax  # pylint: disable=g-import-not-at-top
+  return started and jax.process_count() > 1
 
 
 def run() -> None:

@@ -17,8 +17,10 @@ out-of-range raises ``IndexError``) and iteration in file order. A path may be a
 ``expand_paths`` turns it into the sorted list of matching files.
 
 pyarrow, tensorflow_datasets and grain are imported inside the readers that need them, so importing this module
-stays cheap. Every failure (missing file, unknown format, empty file, bad line) raises ``DataError`` naming the file
-and the fix.
+stays cheap. Every failure (missing file, unknown format, empty file, bad line, a file that is not UTF-8 or is damaged)
+raises ``DataError`` naming the file and the fix. Parquet values and TFDS records are decoded when a record is read,
+so a damaged parquet page or TFDS shard (missing, truncated, overwritten) raises ``DataError`` from ``records[i]`` or
+iteration, naming the file or folder and the record.
 """
 
 from __future__ import annotations
@@ -151,18 +153,41 @@ def _check_record(path: str, where: str, row: Any) -> dict:
   return row
 
 
+def _not_utf8(path: str) -> DataError:
+  """The DataError for a file that does not decode as UTF-8, with the offset of its first bad byte."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    data.decode("utf-8")
+    where = ""
+  except UnicodeDecodeError as e:
+    where = f" (byte {e.start}: {e.reason})"
+  return DataError(f"data: {path} is not UTF-8 text{where}; save it as UTF-8 (or, for a binary file, pass its real "
+                   "format).")
+
+
+def _json_error(error: Exception) -> str:
+  """Why ``json`` rejected a text: its message, or 'nested too deeply' for a recursion error."""
+  if isinstance(error, RecursionError):
+    return "nested too deeply"
+  return error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+
+
 def _read_jsonl(path: str) -> Records:
   rows: list[dict] = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"data: {path} line {line_number} is not valid JSON ({e.msg}); a .jsonl file holds one "
-                        "JSON object per line (a single JSON list belongs in a .json file).") from None
-      rows.append(_check_record(path, f"line {line_number}", row))
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, an int over the digit limit, deep nesting.
+          raise DataError(f"data: {path} line {line_number} is not valid JSON ({_json_error(e)}); a .jsonl file holds "
+                          "one JSON object per line (a single JSON list belongs in a .json file).") from None
+        rows.append(_check_record(path, f"line {line_number}", row))
+  except UnicodeDecodeError:
+    raise _not_utf8(path) from None
   return _in_memory(path, rows)
 
 
@@ -170,9 +195,14 @@ def _read_json(path: str) -> Records:
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
+  except UnicodeDecodeError:
+    raise _not_utf8(path) from None
   except json.JSONDecodeError as e:
     raise DataError(f"data: {path} is not valid JSON ({e.msg} at line {e.lineno}); a .json file holds one list of "
                     "records (one object per line belongs in a .jsonl file).") from None
+  except (ValueError, RecursionError) as e:  # an int over the digit limit, deep nesting.
+    raise DataError(f"data: {path} is not valid JSON ({_json_error(e)}); a .json file holds one list of records "
+                    "(one object per line belongs in a .jsonl file).") from None
   if not isinstance(data, list):
     raise DataError(f"data: {path} holds a JSON {type(data).__name__}, not a list of records; write the records as "
                     "[{...}, {...}] (or one object per line in a .jsonl file).")
@@ -188,12 +218,26 @@ def _read_parquet(path: str) -> Records:
     raise DataError(f"data: {path} is not a readable parquet file ({e}); rewrite it, or pass its real format.") from e
   names = table.column_names
 
+  def unreadable(where: str, error: Exception) -> DataError:
+    return DataError(f"data: {path} {where} cannot be read ({type(error).__name__}: {error}); the file is damaged: "
+                     "rewrite it.")
+
+  # Values are decoded on access: a damaged page (a string that is not UTF-8, say) fails here, not at read_table.
   def get(index: int) -> dict:
-    return {name: table.column(name)[index].as_py() for name in names}
+    try:
+      return {name: table.column(name)[index].as_py() for name in names}
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a damaged value.
+      raise unreadable(f"row {index}", e) from e
 
   def iterate() -> Iterator[dict]:
+    row = 0
     for batch in table.to_batches():
-      yield from batch.to_pylist()
+      try:
+        rows = batch.to_pylist()
+      except Exception as e:  # noqa: BLE001
+        raise unreadable(f"rows {row}-{row + batch.num_rows - 1}", e) from e
+      row += batch.num_rows
+      yield from rows
 
   return Records(path, table.num_rows, get, iterate)
 
@@ -242,14 +286,22 @@ def _read_tfds(path: str, split: str) -> Records:
     raise DataError(f"data: {builder_dir} is not a readable TFDS dataset ({e}); prepare it again.") from e
   try:
     source = builder.as_data_source(split=split)
+    dataset = grain.MapDataset.source(source).map(_plain)
+    length = len(dataset)
   except Exception as e:  # noqa: BLE001
     splits = ", ".join(sorted(builder.info.splits.keys()))
     raise DataError(f"data: cannot read split {split!r} of the TFDS dataset {builder_dir} ({e}); its splits are "
                     f"{splits}, and it must be stored as array_record (file_format='array_record').") from e
-  dataset = grain.MapDataset.source(source).map(_plain)
-  length = len(dataset)
+
+  def get(index: int) -> dict:
+    # array_record opens and reads its files lazily: a missing, truncated or damaged file fails here, on access.
+    try:
+      return dataset[index]
+    except Exception as e:  # noqa: BLE001 — array_record and the feature decoders raise many types.
+      raise DataError(f"data: record {index} of split {split!r} of the TFDS dataset {builder_dir} cannot be read "
+                      f"({type(e).__name__}: {e}); its files are damaged or missing: prepare it again.") from e
 
   def iterate() -> Iterator[dict]:
-    return (dataset[i] for i in range(length))
+    return (get(i) for i in range(length))
 
-  return Records(builder_dir, length, dataset.__getitem__, iterate, split=split)
+  return Records(builder_dir, length, get, iterate, split=split)

@@ -84,11 +84,21 @@ def gsm8k_answer(answer_text: str) -> tuple[str, str]:
   return final, solution
 
 
+def _unicode(key: str, text: str) -> str:
+  """``text`` unless it holds a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer can encode."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise _BadRecord(f"its {key!r} holds the lone surrogate {text[e.start:e.end]!r} at character {e.start}, which is "
+                     "not Unicode text") from None
+  return text
+
+
 def _text(record: Mapping[str, Any], key: str) -> str:
   value = record[key]
   if isinstance(value, bool) or not isinstance(value, (str, int, float)):
     raise _BadRecord(f"its {key!r} is a {type(value).__name__}, not text")
-  text = str(value).strip()
+  text = _unicode(key, str(value).strip())
   if not text:
     raise _BadRecord(f"its {key!r} is empty")
   return text
@@ -96,7 +106,7 @@ def _text(record: Mapping[str, Any], key: str) -> str:
 
 def _optional_text(record: Mapping[str, Any], key: str) -> str:
   value = record.get(key)
-  return "" if value is None else str(value).strip()
+  return "" if value is None else _unicode(key, str(value).strip())
 
 
 def _metadata(source: str, **fields: Any) -> dict[str, str]:
@@ -194,8 +204,8 @@ def records_to_fields(records: Records, schema: str | None = None) -> tuple[str,
 
   Raises:
     DataError: unknown or undetectable schema, or a record that lacks a required key (or has it null) or whose
-      content cannot be read (a MATH solution without ``\\boxed{}``, a GSM8K answer without ``####``); the message
-      names the file, the record index and the fix.
+      content cannot be read (a MATH solution without ``\\boxed{}``, a GSM8K answer without ``####``, a text field
+      that is not text or holds a lone surrogate); the message names the file, the record index and the fix.
   """
   source = records.describe()
   resolved = _schema_named(schema) if schema is not None else detect_schema(records[0].keys(), source=source)
