@@ -95,10 +95,12 @@ reproduce-size: install
 # Issue 16: the study on the task with RL headroom (docs/RESULTS.md): GRPO over a learning-rate ladder up to collapse
 # (the conservative rate 1e-4 is 5x below the aggressive 5e-4), CAPO with the released and the eta-scaled tau's, the
 # trust region, Theorem-5.1 subsets with the KL condition and the KL-target step size at the aggressive rate, and the
-# KL-target step size over a 10x range (5e-5 ... 5e-4); 64 x 8 x 60 = 30,720 completions per run, 3 seeds, one warm
-# start per seed (the task of experiments/configs/arith_base.gin). Resumable like reproduce-mini.
+# KL-target step size over a 10x range (5e-5 ... 5e-4); the main job's budget, 64 x 8 x 40 = 20,480 completions per
+# run, held-out pass@1 every 10 steps on 128 problems x 8 samples, 3 seeds, one warm start per seed (the task of
+# experiments/configs/arith_base.gin). Resumable like reproduce-mini.
 HEADROOM_ROOT ?= runs/sweep-headroom
-HEADROOM_ARGS ?= --prompts_per_step 64 --seeds 0,1,2 --root $(HEADROOM_ROOT) --parallel 2
+HEADROOM_ARGS ?= --prompts_per_step 64 --num_steps 40 --seeds 0,1,2 --root $(HEADROOM_ROOT) --parallel 2 \
+  --gin_param EvalConfig.every=10 --gin_param EvalConfig.num_problems=128
 .PHONY: reproduce-headroom
 reproduce-headroom: install
 	$(VPY) -m experiments.sweep --methods grpo,kl_target --lrs 5e-4,1e-4 $(HEADROOM_ARGS)

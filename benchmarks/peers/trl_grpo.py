@@ -1,0 +1,96 @@
+"""TRL's GRPO on the peers benchmark's model and prompts, timed per step; run by ``benchmarks.peers`` in TRL's
+scratch environment (docs/PERFORMANCE.md, "Peers").
+
+    python trl_grpo.py --model DIR --prompts FILE.jsonl --steps N --out FILE.json
+
+One ``trl.GRPOTrainer`` step is one generation batch (prompts_per_step × num_generations completions) and one
+optimizer step on it. Generation is ``_generate_and_score_completions`` (sampling, decoding, rewards, advantages),
+timed by wrapping that method; the step runs from the callback's ``on_step_begin`` to its ``on_step_end`` (after the
+optimizer step); training is the difference.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+import transformers
+import trl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+import reward  # benchmarks/peers/reward.py, beside this script
+
+
+class StepTimer(TrainerCallback):
+  """Per-step wall time and the generation share of it."""
+
+  def __init__(self):
+    self.rows, self.generation_s, self.t0 = [], 0.0, None
+
+  def on_step_begin(self, args, state, control, **kwargs):
+    self.generation_s, self.t0 = 0.0, time.perf_counter()
+
+  def on_step_end(self, args, state, control, **kwargs):
+    step_s = time.perf_counter() - self.t0
+    self.rows.append({"step": state.global_step, "generation_s": self.generation_s,
+                      "training_s": step_s - self.generation_s, "step_s": step_s})
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--model", required=True)
+  parser.add_argument("--prompts", required=True)
+  parser.add_argument("--steps", type=int, required=True)
+  parser.add_argument("--prompts-per-step", type=int, default=16)
+  parser.add_argument("--num-generations", type=int, default=8)
+  parser.add_argument("--max-new-tokens", type=int, default=32)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+
+  with open(args.prompts) as f:
+    records = [json.loads(line) for line in f][:args.steps * args.prompts_per_step]
+  dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": int(r["answer"])} for r in records])
+  tokenizer = AutoTokenizer.from_pretrained(args.model)
+  model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+
+  def arith_reward(prompts, completions, answer, **kwargs):
+    return reward.scores(completions, answer)
+
+  with tempfile.TemporaryDirectory() as output_dir:
+    config = trl.GRPOConfig(
+        output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, seed=0,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_iterations=1, num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+        learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
+        max_grad_norm=1.0, max_steps=args.steps, shuffle_dataset=False, dataloader_num_workers=0,
+        logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        log_completions=False, gradient_checkpointing=False)
+    timer = StepTimer()
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=arith_reward, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[timer])
+    generate = trainer._generate_and_score_completions  # pylint: disable=protected-access
+
+    def timed_generate(*a, **kw):
+      t0 = time.perf_counter()
+      out = generate(*a, **kw)
+      timer.generation_s += time.perf_counter() - t0
+      return out
+
+    trainer._generate_and_score_completions = timed_generate  # pylint: disable=protected-access
+    trainer.train()
+
+  info = {"framework": "trl", "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
+                                           "torch": torch.__version__},
+          "torch_threads": torch.get_num_threads(), "rows": timer.rows}
+  with open(args.out, "w") as f:
+    json.dump(info, f)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  main()
