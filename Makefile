@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install test run demo bench clean
+.PHONY: install test run demo bench bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: install
 
 bench: install
 	$(VPY) -m benchmarks.run_all --size tiny
+
+# Issue 15: our GRPO step beside TRL's and Tunix's on one CPU shape (docs/PERFORMANCE.md, "Peers"); the peers' scratch
+# virtualenvs are created on first use under ~/.cache/capo_jax/bench-envs.
+bench-peers: install
+	$(VPY) -m benchmarks.peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -334,6 +334,40 @@ def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
   return jax.device_put(jax.tree.map(np.asarray, params), param_shardings(params, mesh))
 
 
+def on_mesh(params: PyTree, mesh: Mesh) -> PyTree:
+  """``params`` placed by ``param_shardings``: returned as they are when every leaf already is (e.g. loaded with
+  ``load_shardings``), else placed from host memory (``shard_params``, every process passing the whole value)."""
+  target = param_shardings(params, mesh)
+  placed = jax.tree.leaves(jax.tree.map(lambda x, s: isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
+      s, x.ndim), params, target))
+  return params if all(placed) else shard_params(params, mesh)
+
+
+def copy_params(params: PyTree, mesh: Mesh) -> PyTree:
+  """A copy of ``params`` (placed by ``param_shardings``) in new buffers with the same shardings, computed on the
+  devices (nothing passes through a host): the learner donates its parameters, the reference keeps its own."""
+  shardings = param_shardings(params, mesh)
+  return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), in_shardings=(shardings,), out_shardings=shardings)(params)
+
+
+def load_shardings(model_config, mesh: Mesh) -> Callable[[tuple], NamedSharding]:
+  """``capo_jax.models.load_hf``'s ``shardings`` for a model of ``model_config`` (a ``ModelConfig``) on ``mesh``:
+  every device reads its own block of each parameter from the safetensors files, by ``param_shardings``, so no
+  process ever holds a whole parameter it does not keep."""
+  from capo_jax.models import CausalLM  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  _, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(model_config, rngs=nnx.Rngs(0))))
+  table = {}
+  for path, variable in nnx.to_flat_state(abstract):
+    name = "/".join(str(p) for p in path)
+    axes = logical_axes(name)
+    if axes is None or len(axes) != len(variable.shape):
+      raise ValueError(f"no partition rule of rank {len(variable.shape)} for parameter {name}; add one to "
+                       "capo_jax.sharding.PARAM_RULES.")
+    table[tuple(str(p) for p in path)] = NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh))
+  return lambda path: table[tuple(str(p) for p in path)]
+
+
 def init_optimizer_state(optimizer, params: PyTree, mesh: Mesh) -> PyTree:
   """``optimizer.init(params)`` computed directly into ``state_shardings`` (no replicated copy is ever built)."""
   abstract = jax.eval_shape(optimizer.init, params)

@@ -219,8 +219,11 @@ def preflight(cfg: TrainConfig, workdir: str, cache_dir: str, fingerprint: str) 
       _check_writable(cache_dir, "cache dir", "pass a writable --cache_dir (warm starts are cached there)")
 
 
-def load_policy(cfg: TrainConfig, cache_dir: str, log: Callable[[str], None]):
+def load_policy(cfg: TrainConfig, cache_dir: str, log: Callable[[str], None], mesh=None):
   """``(tokenizer, model)``: from ``policy.init_from``, else a fresh model warm-started on the task's solutions.
+
+  With ``mesh`` an ``init_from`` model is read straight onto it (``capo_jax.sharding.load_shardings``: each device
+  reads its own block of every parameter).
 
   A folder that passed ``check_model_folder`` but still fails to load (shapes against config.json, tokenizer against
   the embedding, non-finite weights) raises ``InputError`` naming it.
@@ -229,7 +232,12 @@ def load_policy(cfg: TrainConfig, cache_dir: str, log: Callable[[str], None]):
   try:
     if folder:
       from capo_jax.tokenization import check_tokenizer_fits, load_tokenizer  # pylint: disable=g-import-not-at-top
-      tokenizer, model = load_tokenizer(folder), load_hf(folder)
+      shardings = None
+      if mesh is not None:
+        from capo_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top
+        with open(os.path.join(folder, "config.json")) as f:
+          shardings = sharding.load_shardings(ModelConfig.from_hf_dict(json.load(f)), mesh)
+      tokenizer, model = load_tokenizer(folder), load_hf(folder, shardings=shardings)
       check_tokenizer_fits(tokenizer, model)
     else:
       tokenizer = task_tokenizer(cfg.task)
@@ -403,16 +411,17 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
   # cache), the others after it, from the cache.
   fault("setup", 0)
   if primary:
-    tokenizer, model = load_policy(cfg, cache_dir, log)
+    tokenizer, model = load_policy(cfg, cache_dir, log, mesh)
   sharding.sync("capo-load-policy")
   if not primary:
-    tokenizer, model = load_policy(cfg, cache_dir, lambda _: None)
+    tokenizer, model = load_policy(cfg, cache_dir, lambda _: None, mesh)
   task = prompt_ready_task(cfg.task, tokenizer)
   graphdef, ref_params = nnx.split(model)
   if mesh is None:
     params = jax.tree.map(jnp.copy, ref_params)  # the learner donates its params; the reference stays intact
   else:
-    params, ref_params = sharding.shard_params(ref_params, mesh), sharding.shard_params(ref_params, mesh)
+    ref_params = sharding.on_mesh(ref_params, mesh)
+    params = sharding.copy_params(ref_params, mesh)
 
   def logits_fn(params, batch: learner.SequenceBatch):
     return learner.completion_logits(graphdef, params, batch, cfg.rollout.max_new_tokens)

@@ -27,7 +27,7 @@ from capo_jax import config as cfg_lib
 from capo_jax import learner
 from capo_jax import sharding
 from capo_jax.checkpointing import Checkpointer
-from capo_jax.models import CausalLM, ModelConfig
+from capo_jax.models import CausalLM, ModelConfig, load_hf, save_hf
 from capo_jax.ops import top_k as top_k_ops
 from capo_jax.sampling import sample
 from capo_jax.tasks import ArithTask
@@ -210,6 +210,26 @@ def sampler_checks(out: dict, keep: dict) -> None:
   out["sampler/kv_cache_spec"] = str(sharding.kv_cache_shardings(cache, mesh).k.spec)
 
 
+def hf_load_checks(out: dict, keep: dict) -> None:
+  """An HF folder read straight onto the (2, 2, 2) mesh (each device its own block), the trainer's reference and
+  policy copies of it."""
+  del keep
+  graphdef, params = nnx.split(CausalLM(MODEL, rngs=nnx.Rngs(3)))
+  mesh = _mesh((2, 2, 2))
+  with tempfile.TemporaryDirectory() as folder:
+    save_hf(nnx.merge(graphdef, params), folder, overwrite=True)
+    _, loaded = nnx.split(load_hf(folder, shardings=sharding.load_shardings(MODEL, mesh)))
+  want = sharding.param_shardings(params, mesh)
+  out["hf_load/values"] = _max_diff(loaded, params)
+  out["hf_load/shardings"] = all(jax.tree.leaves(jax.tree.map(
+      lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), loaded, want)))
+  out["hf_load/on_mesh_keeps_placed"] = sharding.on_mesh(loaded, mesh) is loaded
+  copy = sharding.copy_params(loaded, mesh)
+  pointers = lambda tree: {b.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) for b in x.addressable_shards}
+  out["hf_load/copy_values"] = _max_diff(copy, loaded)
+  out["hf_load/copy_new_buffers"] = not pointers(copy) & pointers(loaded)
+
+
 def checkpoint_checks(out: dict, keep: dict) -> None:
   """The CAPO state after one step on mesh (2, 4, 1), saved with ``capo_jax.checkpointing.Checkpointer`` and restored
   onto (2, 2, 2) with that mesh's shardings; the next step there equals the same step from the in-memory state on
@@ -279,7 +299,7 @@ def main(argv) -> None:
   assert jax.device_count() == 8, f"expected 8 CPU devices, got {jax.device_count()}: set XLA_FLAGS first."
   out: dict = {}
   keep: dict = {}  # compiled steps and states shared by the checks (each compile is seconds)
-  for check in (learner_checks, top_k_checks, sampler_checks, checkpoint_checks):
+  for check in (learner_checks, top_k_checks, sampler_checks, hf_load_checks, checkpoint_checks):
     start = time.time()
     check(out, keep)
     out[f"seconds/{check.__name__}"] = round(time.time() - start, 1)

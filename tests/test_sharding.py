@@ -250,6 +250,13 @@ def test_sampling_on_a_mesh_gives_the_unsharded_tokens(mesh_results):
   assert mesh_results["sampler/kv_cache_spec"] == "P(None, ('data', 'fsdp'), None, 'tensor', None)"
 
 
+def test_an_hf_folder_loads_straight_onto_the_mesh(mesh_results):
+  assert mesh_results["hf_load/values"] == 0.0
+  assert mesh_results["hf_load/shardings"]  # every parameter by its rule, read block by block
+  assert mesh_results["hf_load/on_mesh_keeps_placed"]
+  assert mesh_results["hf_load/copy_values"] == 0.0 and mesh_results["hf_load/copy_new_buffers"]
+
+
 def test_checkpoint_saved_on_one_mesh_restores_on_another_and_training_continues(mesh_results):
   assert mesh_results["checkpoint/restored_values"] == 0.0
   assert mesh_results["checkpoint/restored_shardings"]

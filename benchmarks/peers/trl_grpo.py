@@ -4,9 +4,10 @@ scratch environment (docs/PERFORMANCE.md, "Peers").
     python trl_grpo.py --model DIR --prompts FILE.jsonl --steps N --out FILE.json
 
 One ``trl.GRPOTrainer`` step is one generation batch (prompts_per_step × num_generations completions) and one
-optimizer step on it. Generation is ``_generate_and_score_completions`` (sampling, decoding, rewards, advantages),
-timed by wrapping that method; the step runs from the callback's ``on_step_begin`` to its ``on_step_end`` (after the
-optimizer step); training is the difference.
+optimizer step on it, in float32 on the CPU, without gradient checkpointing (TRL's configs turn it on by default; the
+other frameworks keep activations). Generation is ``_generate_and_score_completions`` (sampling, decoding, rewards,
+advantages), timed by wrapping that method; the step runs from the callback's ``on_step_begin`` to its
+``on_step_end`` (after the optimizer step); training is the difference.
 """
 
 import argparse
@@ -28,7 +29,7 @@ class StepTimer(TrainerCallback):
   """Per-step wall time and the generation share of it."""
 
   def __init__(self):
-    self.rows, self.generation_s, self.t0 = [], 0.0, None
+    self.rows, self.generation_s, self.t0, self.completion_tokens_mean = [], 0.0, None, None
 
   def on_step_begin(self, args, state, control, **kwargs):
     self.generation_s, self.t0 = 0.0, time.perf_counter()
@@ -36,7 +37,8 @@ class StepTimer(TrainerCallback):
   def on_step_end(self, args, state, control, **kwargs):
     step_s = time.perf_counter() - self.t0
     self.rows.append({"step": state.global_step, "generation_s": self.generation_s,
-                      "training_s": step_s - self.generation_s, "step_s": step_s})
+                      "training_s": step_s - self.generation_s, "step_s": step_s,
+                      "completion_tokens_mean": self.completion_tokens_mean})
 
 
 def main():
@@ -55,6 +57,11 @@ def main():
   dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": int(r["answer"])} for r in records])
   tokenizer = AutoTokenizer.from_pretrained(args.model)
   model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+
+  # The same-weights check: the last position's logits of the first prompt, as this framework tokenizes it.
+  ids = tokenizer(records[0]["prompt"])["input_ids"]
+  with torch.no_grad():
+    check = {"ids": list(ids), "logits": model(input_ids=torch.tensor([ids])).logits[0, -1].tolist()}
 
   def arith_reward(prompts, completions, answer, **kwargs):
     return reward.scores(completions, answer)
@@ -79,6 +86,7 @@ def main():
       t0 = time.perf_counter()
       out = generate(*a, **kw)
       timer.generation_s += time.perf_counter() - t0
+      timer.completion_tokens_mean = float(out["completion_mask"].sum(dim=1).float().mean())
       return out
 
     trainer._generate_and_score_completions = timed_generate  # pylint: disable=protected-access
@@ -86,7 +94,7 @@ def main():
 
   info = {"framework": "trl", "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                                            "torch": torch.__version__},
-          "torch_threads": torch.get_num_threads(), "rows": timer.rows}
+          "torch_threads": torch.get_num_threads(), "check": check, "rows": timer.rows}
   with open(args.out, "w") as f:
     json.dump(info, f)
 

@@ -84,6 +84,11 @@ def main():
       cluster_config=rl_cluster_lib.ClusterConfig(
           role_to_mesh={roles.ACTOR: mesh, roles.REFERENCE: mesh, roles.ROLLOUT: mesh}, rollout_engine="vanilla",
           offload_to_cpu=False, training_config=training, rollout_config=rollout))
+  # The same-weights check: the last position's logits of the first prompt, tokenized as Tunix's sampler does.
+  ids = [int(i) for i in cluster.rollout._sampler.tokenize(records[0]["prompt"])]  # pylint: disable=protected-access
+  length = len(ids)
+  logits, _ = model(jnp.asarray([ids]), jnp.arange(length)[None], None, jnp.tril(jnp.ones((1, length, length), bool)))
+  check = {"ids": ids, "logits": [float(x) for x in logits[0, -1]]}
   config = grpo_learner.GRPOConfig(num_generations=args.num_generations, num_iterations=1, beta=0.0, epsilon=0.2,
                                    loss_agg_mode="sequence-mean-token-mean")
 
@@ -98,6 +103,7 @@ def main():
     t0 = time.perf_counter()
     example = jax.block_until_ready(generate(*a, **kw))
     pending["generation_s"] = time.perf_counter() - t0
+    pending["completion_tokens_mean"] = float(np.asarray(example.completion_mask).sum(axis=-1).mean())
     return example
 
   def timed_update(*a, **kw):
@@ -107,7 +113,7 @@ def main():
     training_s = time.perf_counter() - t0
     generation_s = pending.pop("generation_s")
     rows.append({"step": len(rows) + 1, "generation_s": generation_s, "training_s": training_s,
-                 "step_s": generation_s + training_s})
+                 "step_s": generation_s + training_s, "completion_tokens_mean": pending.pop("completion_tokens_mean")})
     return out
 
   learner._generate_and_compute_advantage = timed_generate  # pylint: disable=protected-access
@@ -116,7 +122,8 @@ def main():
 
   info = {"framework": "tunix", "versions": {"tunix": tunix.__version__, "jax": jax.__version__,
                                              "flax": flax.__version__},
-          "devices": [str(d) for d in jax.devices()], "rows": rows}
+          "devices": [str(d) for d in jax.devices()], "updates": int(cluster.actor_trainer.train_steps),
+          "check": check, "rows": rows}
   with open(args.out, "w") as f:
     json.dump(info, f)
 
