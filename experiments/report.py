@@ -183,6 +183,8 @@ def summarize(runs) -> list[dict[str, Any]]:
         "learner_s": _nanmean(learner), "rollout_s": _nanmean(rollout),
         "eval_s": float(np.mean(evals)) if evals else math.nan,
         "curve": (xs, mean, sem, n),
+        "seed_curves": [tuple(np.asarray(v) for v in zip(*sorted(series(rows, "eval_accuracy", eval_rows=True).items())))
+                        for rows in per_seed.values() if series(rows, "eval_accuracy", eval_rows=True)],
         "diag": {k: seed_curve(per_seed, k, eval_rows=False)
                  for k in ("completion_tokens_mean", "entropy", "rejected_token_fraction", "trust_region_scale",
                            "subset_accepted_fraction")},
@@ -194,8 +196,20 @@ def summarize(runs) -> list[dict[str, Any]]:
   return table
 
 
+def per_seed_reach(row: dict[str, Any], target: float, c_ref: float | None) -> dict[str, Any]:
+  """Each seed's completions to ``target`` on its own eval curve: how many of the seeds reach it, and the ratio
+  ``c_ref / C_seed`` mean ± SEM over the seeds that reach it after their start (a seed at or above the target at its
+  start has no finite ratio)."""
+  curves = row.get("seed_curves") or []
+  reached = [first_reach(xs, ys, target) for xs, ys in curves]
+  ratios = [c_ref / c for c in reached if c and c_ref]
+  return {"seeds": len(curves), "reached": sum(c is not None for c in reached),
+          "completions": reached, "ratio": mean_sem(ratios) if ratios else (math.nan, math.nan)}
+
+
 def sample_efficiency(table) -> dict[str, Any]:
-  """Ratios at the aggressive (largest) lr against conservative GRPO (smallest lr) and the best stable GRPO."""
+  """Ratios at the aggressive (largest) lr against conservative GRPO (smallest lr) and the best stable GRPO
+  (``rows``), and for every (method, lr) with the per-seed spread (``all_rows``, ``per_seed_reach``)."""
   lrs = sorted({row["lr"] for row in table})
   grpo = {row["lr"]: row for row in table if row["method"] == "grpo"}
   if not lrs or not grpo:
@@ -207,7 +221,7 @@ def sample_efficiency(table) -> dict[str, Any]:
   stable = [r for r in grpo.values() if r["collapsed"][0] == 0 and r["collapsed"][1] > 0]
   if stable:
     refs["best stable GRPO"] = max(stable, key=lambda r: r["final"][0])
-  out = {"aggressive_lr": aggressive, "refs": {}, "rows": []}
+  out = {"aggressive_lr": aggressive, "refs": {}, "rows": [], "all_rows": []}
   for name, ref in refs.items():
     xs, mean, _, _ = ref["curve"]
     target = ref["final"][0]
@@ -225,6 +239,14 @@ def sample_efficiency(table) -> dict[str, Any]:
       c = first_reach(xs, mean, ref["target"]) if len(xs) else None
       entry[name] = (c, ref["c_ref"] / c if c and ref["c_ref"] else None)
     out["rows"].append(entry)
+  for row in sorted(table, key=lambda r: (r["method"], r["lr"])):
+    xs, mean, _, _ = row["curve"]
+    entry = {"method": row["method"], "lr": row["lr"], "collapsed": row["collapsed"]}
+    for name, ref in out["refs"].items():
+      c = first_reach(xs, mean, ref["target"]) if len(xs) else None
+      entry[name] = {"mean_curve": (c, ref["c_ref"] / c if c and ref["c_ref"] else None),
+                     **per_seed_reach(row, ref["target"], ref["c_ref"])}
+    out["all_rows"].append(entry)
   return out
 
 
@@ -556,6 +578,23 @@ def write_markdown(root, out, table, eff, scaling, figures, argv, skipped=(), *,
         c, ratio = e[n]
         cells.append("not reached" if c is None else f"{c:.0f} ({ratio:.2f}×)" if ratio else f"{c:.0f}")
       lines.append(f"| {e['method']} | {e['collapsed'][0]}/{e['collapsed'][1]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += ["Every method and learning rate, with the spread over seeds: each seed's own eval curve against the "
+              "reference's final (seeds reaching it k/n, and the ratio C_ref / C_seed, mean ± SEM over the seeds that "
+              "reach it); the seed-mean curve's ratio as above.", "",
+              "| method | lr | collapsed | " + " | ".join(
+                  f"to {n}'s final: seed-mean curve | seeds reaching | per-seed ratio" for n in eff["refs"]) + " |",
+              "|---|---|---|" + "---|---|---|" * len(eff["refs"])]
+    for e in eff["all_rows"]:
+      cells = []
+      for n in eff["refs"]:
+        c, ratio = e[n]["mean_curve"]
+        cells.append("not reached" if c is None else f"{c:.0f} ({ratio:.2f}×)" if ratio else f"{c:.0f}")
+        cells.append(f"{e[n]['reached']}/{e[n]['seeds']}")
+        r_mean, r_sem = e[n]["ratio"]
+        cells.append("–" if math.isnan(r_mean) else f"{r_mean:.2f}×" + ("" if math.isnan(r_sem) else f" ± {r_sem:.2f}"))
+      lines.append(f"| {e['method']} | {e['lr']:g} | {e['collapsed'][0]}/{e['collapsed'][1]} | " + " | ".join(cells)
+                   + " |")
     lines.append("")
   if scaling:
     lines += ["## m_H / m_F at the first RL step (for the τ-scaling question)", "",

@@ -199,6 +199,15 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
   rows = {e["method"]: e for e in eff["rows"]}
   assert rows["trust_region"]["conservative GRPO"] == (1000.0, 2.0)
   assert rows["grpo"]["conservative GRPO"] == (None, None)
+  # Per seed: trust_region's seeds reach 0.5 at 1000, 1000, 1000 completions (0.5, 0.52, 0.51 at step 10) → 3/3,
+  # ratio 2000/1000 = 2 ± 0; GRPO 5e-4's seeds 0.3/0.1, 0.2/0.05, 0.5/0.3: only seed 2 reaches 0.5, at 1000.
+  every = {(e["method"], e["lr"]): e["conservative GRPO"] for e in eff["all_rows"]}
+  assert every[("trust_region", 5e-4)]["reached"] == 3 and every[("trust_region", 5e-4)]["ratio"] == (2.0, 0.0)
+  assert every[("grpo", 5e-4)]["completions"] == [None, None, 1000.0]
+  assert every[("grpo", 5e-4)]["ratio"][0] == 2.0 and math.isnan(every[("grpo", 5e-4)]["ratio"][1])
+  # The reference against itself: seeds 0.5 (2000), 0.52 (2000), 0.48 (never) → 2/3, ratio 1.
+  assert every[("grpo", 1e-4)]["completions"] == [2000.0, 2000.0, None]
+  assert every[("grpo", 1e-4)]["ratio"] == (1.0, 0.0)
   # A reference that never rises above its start gives no ratio.
   flat = [{"method": "grpo", "lr": 1e-4, "final": (0.4, 0.0), "collapsed": (0, 3),
            "curve": (np.array([0, 1000]), np.array([0.4, 0.4]), np.zeros(2), 3)},
