@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capo_jax.models.config import ModelConfig
-from capo_jax.models.partitioning import constrain_rows
+from capo_jax.models.partitioning import constrain_rows, embed_rows
 
 
 class KVCache(NamedTuple):
@@ -316,7 +316,7 @@ class CausalLM(nnx.Module):
     allowed_b1ts = (causal_ts[None] & (key_valid_bs[:, None, :] | self_ts[None]))[:, None]
 
     cos_btf, sin_btf = rope_cos_sin(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
-    x_bth = constrain_rows(self.embed(tokens_bt))
+    x_bth = embed_rows(self.embed.embedding[...].astype(cfg.compute_dtype), tokens_bt)  # = self.embed(tokens_bt)
     if cache is None:
       x_bth = _scan_layers(self.layers, x_bth, cos_btf, sin_btf, allowed_b1ts, cfg.remat)
       new_cache = None

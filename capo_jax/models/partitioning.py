@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 # The mesh axes that split batch rows (``capo_jax.sharding``'s ``data`` and ``fsdp``).
@@ -31,3 +32,16 @@ def constrain_rows(x: jax.Array) -> jax.Array:
   if size <= 1 or x.shape[0] % size:
     return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+
+
+def embed_rows(table_vh: jax.Array, tokens_bt: jax.Array) -> jax.Array:
+  """``table_vh[tokens_bt]`` with its rows pinned like ``constrain_rows``. Under a mesh the table is first gathered
+  over every axis but ``tensor`` (which keeps the vocabulary split where it divides V): a lookup into a table whose
+  hidden axis is split over ``fsdp`` would give embeddings split over ``fsdp`` on the hidden axis, which XLA can only
+  re-split by rows through a full copy. Values are those of a plain lookup (each vocabulary shard contributes its own
+  rows, the others zeros). Without a mesh: the plain lookup."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    vocab = "tensor" if "tensor" in mesh.axis_names and table_vh.shape[0] % mesh.shape["tensor"] == 0 else None
+    table_vh = jax.lax.with_sharding_constraint(table_vh, PartitionSpec(vocab, None))
+  return constrain_rows(jnp.take(table_vh, tokens_bt, axis=0))
