@@ -1,8 +1,10 @@
-"""Per-device memory of the CAPO learner step on a device mesh: the analytic model of docs/SCALING.md beside XLA's own
-memory analysis of the compiled step, from abstract shapes (no weights are allocated).
+"""Per-device memory of the CAPO learner step and of the rollout sampler on a device mesh: the analytic model of
+docs/SCALING.md beside XLA's own memory analysis of the compiled programs, from abstract shapes (no weights are
+allocated).
 
     python -m benchmarks.memory                          # 0.5B … 32B, 2 and 4 layers, mesh (1,4,2) of 8 CPU devices
     python -m benchmarks.memory --sizes 7b --mesh 1,8,1  # one shape, one mesh
+    python -m benchmarks.memory --what both --sizes 0.5b,1.5b,7b --mesh 1,1,1/1,8,1/2,2,2/1,4,2   # several meshes
     python -m benchmarks.memory --table                  # the model alone: docs/SCALING.md's table
 
 XLA part: the trainer's CAPO step (``components.build_optimizer`` + ``components.make_learner_step``, preset ``capo``,
@@ -21,6 +23,14 @@ alive together: CAPO's mask (the unembedding gathered, the Adam token model, a l
 (one layer's gathered weights and their gradient, one block's recompute working set with the attention scores —
 XLA's attention, no flash kernel —, the gathered unembedding and the gradients of it and of the embedding, a logits
 chunk); and the sampler's KV cache.
+
+Sampler part (``--what sampler``): the rollout sampler's two jitted functions (``capo_jax.sampling.sampler``:
+``_prefill``, which runs the prompts into a fresh KV cache of ``prompt + completion`` slots, repeats it G times and
+draws the first token, and ``_decode``, the ``lax.while_loop`` whose carry, the cache included, is donated, so its
+buffers are those of one decode step plus the carried cache) lowered at full depth with the same float32 abstract
+parameters on the same mesh (``capo_jax.sharding`` shardings, the cache by ``kv_cache_shardings``), and set beside
+the parameters plus the KV cache of the model. The sampler's peak is the larger of the two: the parameters and the
+cache are alive in both.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from capo_jax import config as cfg_lib  # pylint: disable=wrong-import-position
 from capo_jax.models import CausalLM, ModelConfig  # pylint: disable=wrong-import-position
 from capo_jax.ops import chunking  # pylint: disable=wrong-import-position
 from capo_jax.ops import top_k as top_k_ops  # pylint: disable=wrong-import-position
+from capo_jax.sampling import sampler as sampler_lib  # pylint: disable=wrong-import-position
 from capo_jax.tasks import ArithTask  # pylint: disable=wrong-import-position
 
 GiB = 2**30
@@ -157,6 +168,15 @@ def memory_model(size: str, mesh_sizes: tuple[int, int, int], work: Workload, *,
   return out
 
 
+def _mesh(mesh_sizes: tuple[int, int, int]):
+  return sharding.make_mesh(cfg_lib.MeshConfig(*mesh_sizes), jax.devices()[:math.prod(mesh_sizes)])
+
+
+def _totals(analysis) -> dict[str, float]:
+  return {"arguments": analysis.argument_size_in_bytes, "temp": analysis.temp_size_in_bytes,
+          "outputs_not_aliased": analysis.output_size_in_bytes - analysis.alias_size_in_bytes}
+
+
 def xla_memory(size: str, num_layers: int, mesh_sizes: tuple[int, int, int], work: Workload) -> dict[str, float]:
   """XLA's memory analysis of the compiled CAPO step of ``size`` with ``num_layers`` layers, float32, per device."""
   cfg = model_config(size, num_layers, "float32")
@@ -172,7 +192,7 @@ def xla_memory(size: str, num_layers: int, mesh_sizes: tuple[int, int, int], wor
   batch = learner.SequenceBatch(sds((b, s), jnp.int32), sds((b, s), jnp.int32), sds((b, n), jnp.float32),
                                 sds((b,), jnp.float32), sds((b, n), jnp.float32), sds((b, n), jnp.float32),
                                 sds((b,), jnp.float32))
-  mesh = sharding.make_mesh(cfg_lib.MeshConfig(*mesh_sizes), jax.devices()[:math.prod(mesh_sizes)])
+  mesh = _mesh(mesh_sizes)
   jitted = sharding.jit_learner_step(step, mesh, params, opt_state, batch)
   args = (sharding.abstract_state(params, sharding.param_shardings(params, mesh)),
           sharding.abstract_state(opt_state, sharding.state_shardings(opt_state, mesh)),
@@ -184,9 +204,48 @@ def xla_memory(size: str, num_layers: int, mesh_sizes: tuple[int, int, int], wor
     analysis = jitted.lower(*args).compile().memory_analysis()
   finally:
     top_k_ops._use_cpu_path = cpu_path
-  return {"arguments": analysis.argument_size_in_bytes, "temp": analysis.temp_size_in_bytes,
-          "outputs_not_aliased": analysis.output_size_in_bytes - analysis.alias_size_in_bytes,
-          "compile_seconds": time.perf_counter() - start}
+  return dict(_totals(analysis), compile_seconds=time.perf_counter() - start)
+
+
+def xla_sampler_memory(size: str, mesh_sizes: tuple[int, int, int], work: Workload,
+                       num_samples: int) -> dict[str, dict[str, float]]:
+  """XLA's memory analysis of the sampler's compiled prefill and decode loop (full depth, float32), per device.
+
+  ``work.rows`` sampled rows = ``work.rows / num_samples`` prompts of ``work.prompt`` tokens, each sampled
+  ``num_samples`` times, ``work.completion`` new tokens; no stop ids (they are traced: the buffers do not depend on
+  them) and no top-k / top-p (also traced: the sort's buffers are in the program either way).
+  """
+  if work.rows % num_samples:
+    raise ValueError(f"sampler rows {work.rows} must be a multiple of the samples per prompt {num_samples}")
+  cfg = model_config(size, None, "float32")
+  graphdef, params = _abstract_params(cfg)
+  mesh = _mesh(mesh_sizes)
+  sds = jax.ShapeDtypeStruct
+  rep = sharding.replicated(mesh)
+  prompts = work.rows // num_samples
+  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None), (prompts, work.prompt), mesh))
+  state = sharding.abstract_state(params, sharding.param_shardings(params, mesh))
+  tokens = sds((prompts, work.prompt), jnp.int32, sharding=rows)
+  key = sds((), jax.eval_shape(jax.random.key, 0).dtype, sharding=rep)
+  sampling = sampler_lib.SamplingParams(sds((), jnp.float32, sharding=rep), sds((), jnp.int32, sharding=rep),
+                                        sds((), jnp.float32, sharding=rep))
+  stop_ids = sds((work.rows, 8), jnp.int32, sharding=rep)  # the sampler's stop-id bucket of 8, replicated as there
+  pad = sds((), jnp.int32, sharding=rep)
+  out = {}
+  with jax.set_mesh(mesh):
+    start = time.perf_counter()
+    lowered = sampler_lib._prefill.lower(  # pylint: disable=protected-access
+        graphdef, state, tokens, tokens, key, sampling, stop_ids, pad, num_samples=num_samples,
+        max_new_tokens=work.completion, cache_dtype=None, mesh=mesh)
+    compiled = lowered.compile()
+    out["prefill"] = dict(_totals(compiled.memory_analysis()), compile_seconds=time.perf_counter() - start)
+    decode_state = jax.tree.map(lambda info, sh: sds(info.shape, info.dtype, sharding=sh), lowered.out_info,
+                                compiled.output_shardings)
+    start = time.perf_counter()
+    compiled = sampler_lib._decode.lower(  # pylint: disable=protected-access
+        graphdef, state, decode_state, sampling, stop_ids, pad, mesh=mesh).compile()
+    out["decode"] = dict(_totals(compiled.memory_analysis()), compile_seconds=time.perf_counter() - start)
+  return out
 
 
 def _gib(x: float) -> str:
@@ -259,10 +318,30 @@ def table(work: Workload, sampler_rows: int) -> None:
             f"{flash / GiB:.1f} | {m['kv_cache'] / GiB:.1f} | {fit} / {fit_flash} |")
 
 
+def compare_sampler(sizes, mesh_sizes, work: Workload, num_samples: int) -> None:
+  """XLA's prefill and decode loop at full depth beside the model's parameters + KV cache at 4 bytes per element."""
+  print(f"mesh (data, fsdp, tensor) = {mesh_sizes}, sampler: {work.rows // num_samples} prompts × {num_samples} "
+        f"samples, {work.prompt} prompt + {work.completion} new tokens, float32; GiB per device")
+  print(f"{'size':>5} | {'pre args':>8} {'pre temp':>8} {'pre out':>8} {'pre tot':>8} | {'dec args':>8} "
+        f"{'dec temp':>8} {'dec tot':>8} | {'peak':>8} | {'params':>8} {'KV':>8} | compile s")
+  for size in sizes:
+    at = xla_sampler_memory(size, mesh_sizes, work, num_samples)
+    pre, dec = at["prefill"], at["decode"]
+    total = {k: v["arguments"] + v["temp"] + v["outputs_not_aliased"] for k, v in at.items()}
+    model = memory_model(size, mesh_sizes, work, bytes_param=4, bytes_compute=4, sampler_rows=work.rows)
+    secs = pre["compile_seconds"] + dec["compile_seconds"]
+    print(f"{size:>5} | {_gib(pre['arguments'])} {_gib(pre['temp'])} {_gib(pre['outputs_not_aliased'])} "
+          f"{_gib(total['prefill'])} | {_gib(dec['arguments'])} {_gib(dec['temp'])} {_gib(total['decode'])} | "
+          f"{_gib(max(total.values()))} | {_gib(model['params'])} {_gib(model['kv_cache'])} | {secs:.0f}", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default=",".join(SHAPES), help="comma-separated: " + ",".join(SHAPES))
-  parser.add_argument("--mesh", default="1,4,2", help="data,fsdp,tensor of the XLA check (product ≤ 8)")
+  parser.add_argument("--mesh", default="1,4,2",
+                      help="data,fsdp,tensor of the XLA check (product ≤ 8); several separated by '/'")
+  parser.add_argument("--what", choices=("learner", "sampler", "both"), default="learner",
+                      help="the XLA check of the learner step, of the sampler (prefill + decode loop), or both")
   parser.add_argument("--layers", default="2,4", help="the two depths compiled")
   parser.add_argument("--rows", type=int, default=8, help="rows of the XLA check's batch (whole mesh)")
   parser.add_argument("--prompt", type=int, default=512)
@@ -270,14 +349,21 @@ def main(argv=None):
   parser.add_argument("--table", action="store_true", help="print the model's table only (no compile)")
   parser.add_argument("--table_rows", type=int, default=2, help="learner rows per data×fsdp shard in the table")
   parser.add_argument("--sampler_rows", type=int, default=16, help="sampler rows per data×fsdp shard in the table")
+  parser.add_argument("--sampler_check_rows", type=int, default=64, help="sampled rows of the XLA check (whole mesh)")
+  parser.add_argument("--group_size", type=int, default=8, help="samples per prompt in the sampler's XLA check")
   parser.add_argument("--size", default=None, help="accepted for benchmarks.run_all; ignored")
   args = parser.parse_args(argv)
   if args.table:
     table(Workload(args.table_rows, args.prompt, args.completion), args.sampler_rows)
     return
-  mesh = tuple(int(x) for x in args.mesh.split(","))
+  meshes = [tuple(int(x) for x in m.split(",")) for m in args.mesh.split("/")]
   layers = tuple(int(x) for x in args.layers.split(","))
-  compare(args.sizes.split(","), mesh, layers, Workload(args.rows, args.prompt, args.completion))
+  sizes = args.sizes.split(",")
+  for mesh in meshes:
+    if args.what in ("learner", "both"):
+      compare(sizes, mesh, layers, Workload(args.rows, args.prompt, args.completion))
+    if args.what in ("sampler", "both"):
+      compare_sampler(sizes, mesh, Workload(args.sampler_check_rows, args.prompt, args.completion), args.group_size)
 
 
 if __name__ == "__main__":
