@@ -185,6 +185,14 @@ def _one_line(error: BaseException) -> str:
   return "; ".join(lines).replace(":; ", ": ")[:600] or type(error).__name__
 
 
+def _own_tokenizer(cfg: TrainConfig):
+  """The task's own tokenizer (a run without ``init_from`` warm-starts a fresh model on it); ``InputError`` if none."""
+  tokenizer = task_tokenizer(cfg.task)
+  if tokenizer is None:
+    raise InputError(f"{type(cfg.task).__name__} brings no tokenizer: set PolicyConfig.init_from to a model folder.")
+  return tokenizer
+
+
 def _warm_start_folder(cfg: TrainConfig, tokenizer, cache_dir: str) -> str:
   key = warm_start_key(cfg.task, cfg.policy, cfg.warm_start, cfg.rollout, cfg.seed, len(tokenizer))
   return os.path.join(cache_dir, f"warmstart-{key}")
@@ -208,11 +216,7 @@ def preflight(cfg: TrainConfig, workdir: str, cache_dir: str, fingerprint: str) 
   if cfg.policy.init_from:
     check_model_folder(cfg.policy.init_from, "PolicyConfig.init_from")
   else:
-    tokenizer = task_tokenizer(cfg.task)
-    if tokenizer is None:
-      raise InputError(f"{type(cfg.task).__name__} brings no tokenizer: set PolicyConfig.init_from to a model "
-                       "folder.")
-    folder = _warm_start_folder(cfg, tokenizer, cache_dir)
+    folder = _warm_start_folder(cfg, _own_tokenizer(cfg), cache_dir)
     if os.path.exists(os.path.join(folder, "model.safetensors")):
       check_model_folder(folder, "the cached warm start", tokenizer=False)
     else:
@@ -240,10 +244,7 @@ def load_policy(cfg: TrainConfig, cache_dir: str, log: Callable[[str], None], me
       tokenizer, model = load_tokenizer(folder), load_hf(folder, shardings=shardings)
       check_tokenizer_fits(tokenizer, model)
     else:
-      tokenizer = task_tokenizer(cfg.task)
-      if tokenizer is None:
-        raise InputError(f"{type(cfg.task).__name__} brings no tokenizer: set PolicyConfig.init_from to a model "
-                         "folder.")
+      tokenizer = _own_tokenizer(cfg)
       folder = _warm_start_folder(cfg, tokenizer, cache_dir)
       model, _ = warm_start(cfg.task, tokenizer, cfg.policy, cfg.warm_start, cfg.rollout, seed=cfg.seed,
                             cache_dir=cache_dir, log=log)

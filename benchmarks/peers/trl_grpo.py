@@ -10,7 +10,6 @@ advantages), timed by wrapping that method; the step runs from the callback's ``
 ``on_step_end`` (after the optimizer step); training is the difference.
 """
 
-import argparse
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+import common  # benchmarks/peers/common.py, beside this script
 import reward  # benchmarks/peers/reward.py, beside this script
 
 
@@ -42,18 +42,7 @@ class StepTimer(TrainerCallback):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--model", required=True)
-  parser.add_argument("--prompts", required=True)
-  parser.add_argument("--steps", type=int, required=True)
-  parser.add_argument("--prompts-per-step", type=int, default=16)
-  parser.add_argument("--num-generations", type=int, default=8)
-  parser.add_argument("--max-new-tokens", type=int, default=32)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args()
-
-  with open(args.prompts) as f:
-    records = [json.loads(line) for line in f][:args.steps * args.prompts_per_step]
+  args, records = common.args_and_records()
   dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": int(r["answer"])} for r in records])
   tokenizer = AutoTokenizer.from_pretrained(args.model)
   model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

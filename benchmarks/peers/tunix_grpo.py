@@ -11,7 +11,6 @@ update. Generation is the learner's ``_generate_and_compute_advantage`` (samplin
 training is ``RLCluster.update_actor``; both are wrapped with a timer that waits for their arrays.
 """
 
-import argparse
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 
+import common  # benchmarks/peers/common.py, beside this script
 import reward  # benchmarks/peers/reward.py, beside this script
 
 
@@ -47,19 +47,7 @@ def qwen2_config(folder: str) -> qwen2_model.ModelConfig:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--model", required=True)
-  parser.add_argument("--prompts", required=True)
-  parser.add_argument("--steps", type=int, required=True)
-  parser.add_argument("--prompts-per-step", type=int, default=16)
-  parser.add_argument("--num-generations", type=int, default=8)
-  parser.add_argument("--max-new-tokens", type=int, default=32)
-  parser.add_argument("--max-prompt-length", type=int, default=32)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args()
-
-  with open(args.prompts) as f:
-    records = [json.loads(line) for line in f][:args.steps * args.prompts_per_step]
+  args, records = common.args_and_records(("--max-prompt-length", 32))
   # Batches as arrays, as Tunix's data pipelines give them (the learner repeats each leaf num_generations times).
   batches = [{"prompts": np.array([r["prompt"] for r in records[i:i + args.prompts_per_step]]),
               "answer": np.array([int(r["answer"]) for r in records[i:i + args.prompts_per_step]])}
