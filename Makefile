@@ -36,9 +36,9 @@ bench-peers: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# Issue 6: the miniature reproduction study (docs/RESULTS.md, docs/results/RESULTS_64x8.md, figures) — the sweeps
+# Issue 6: the miniature reproduction study (docs/results/RESULTS_MINI.md, RESULTS_64x8.md, figures) — the sweeps
 # (resumable: finished runs under $(MINI_ROOT)* are skipped; delete those folders to start from scratch), then the
-# reports from their output files. Measured 52.5 min on the 2-core CPU (docs/RESULTS.md).
+# reports from their output files. Measured 52.5 min on the 2-core CPU (docs/results/RESULTS_MINI.md).
 MINI_ROOT ?= runs/sweep-mini
 # The issue-6 studies ran on the task before it had RL headroom: every solution of the warm start correct.
 CLEAN_TASK := --gin_param ArithTask.wrong_step_fraction=0.0
@@ -55,7 +55,8 @@ reproduce-mini: install
 	  --root $(MINI_ROOT) --parallel 2
 	$(VPY) -m experiments.report --root $(MINI_ROOT)-64 --out docs/results --markdown RESULTS_64x8.md --figures 64x8 \
 	  --title "Results, 64 x 8 sub-study (issue 6): GRPO at 1e-4 vs the trust region at 5e-4"
-	$(VPY) -m experiments.report --root $(MINI_ROOT) --out docs
+	$(VPY) -m experiments.report --root $(MINI_ROOT) --out docs/results --markdown RESULTS_MINI.md --figures . \
+	  --title "Results: the miniature reproduction study (issue 6, the task without RL headroom)"
 
 # Issue 6, the extension (docs/results/RESULTS_EXTRA.md): the full-network token mask and Theorem-5.1 subset
 # acceptance at both rates, Dr./Rein variants at the conservative rate, GRPO and the trust region at 5e-5 (a 10x lr
@@ -100,19 +101,31 @@ reproduce-size: install
 # Issue 16: the study on the task with RL headroom (docs/RESULTS.md): GRPO over a learning-rate ladder up to collapse
 # (the conservative rate 1e-4 is 5x below the aggressive 5e-4), CAPO with the released and the eta-scaled tau's, the
 # trust region, Theorem-5.1 subsets with the KL condition and the KL-target step size at the aggressive rate, and the
-# KL-target step size over a 10x range (5e-5 ... 5e-4); the main job's budget, 64 x 8 x 40 = 20,480 completions per
-# run, held-out pass@1 every 10 steps on 128 problems x 8 samples, 3 seeds, one warm start per seed (the task of
-# experiments/configs/arith_base.gin). Resumable like reproduce-mini.
+# KL-target step size at the other end of a 10x range (5e-5); the main job's budget, 64 x 8 x 40 = 20,480 completions
+# per run, held-out pass@1 every 10 steps on 128 problems x 8 samples, 3 seeds, one warm start per seed (the task of
+# experiments/configs/arith_base.gin). One sweep over the 27 runs, the most expensive cells first, two workers each
+# pinned to one core, no reference forward (KL(start) is not logged: the report does not use it). Resumable like
+# reproduce-mini.
 HEADROOM_ROOT ?= runs/sweep-headroom
-HEADROOM_ARGS ?= --prompts_per_step 64 --num_steps 40 --seeds 0,1,2 --root $(HEADROOM_ROOT) --parallel 2 \
-  --gin_param EvalConfig.every=10 --gin_param EvalConfig.num_problems=128
+HEADROOM_CURVATURE := kl_target@5e-4,kl_target@5e-5,subset_kl@5e-4,trust_region@5e-4,capo@5e-4,capo_eta@5e-4
+HEADROOM_RUNS ?= $(HEADROOM_CURVATURE),grpo@5e-4,grpo@2e-4,grpo@1e-4
+HEADROOM_ARGS ?= --prompts_per_step 64 --num_steps 40 --seeds 0,1,2 --parallel 2 \
+  --gin_param EvalConfig.every=10 --gin_param EvalConfig.num_problems=128 --gin_param LossConfig.track_kl=False
 .PHONY: reproduce-headroom
 reproduce-headroom: install
-	$(VPY) -m experiments.sweep --methods grpo,kl_target --lrs 5e-4,1e-4 $(HEADROOM_ARGS)
-	$(VPY) -m experiments.sweep --methods trust_region,capo,capo_eta --lrs 5e-4 $(HEADROOM_ARGS)
-	$(VPY) -m experiments.sweep --methods grpo --lrs 2e-4 $(HEADROOM_ARGS)
-	$(VPY) -m experiments.sweep --methods kl_target --lrs 5e-5 $(HEADROOM_ARGS)
-	$(VPY) -m experiments.sweep --methods subset_kl --lrs 5e-4 $(HEADROOM_ARGS)
-	$(VPY) -m experiments.report --root $(HEADROOM_ROOT) --out docs/results --markdown RESULTS_HEADROOM.md \
-	  --figures headroom --make_target reproduce-headroom \
+	$(VPY) -m experiments.sweep --runs $(HEADROOM_RUNS) --root $(HEADROOM_ROOT) $(HEADROOM_ARGS)
+	$(VPY) -m experiments.report --root $(HEADROOM_ROOT) --out docs --markdown RESULTS.md \
+	  --figures results/headroom --make_target reproduce-headroom \
 	  --title "Results, the task with RL headroom (issue 16): GRPO's lr ladder, CAPO, trust region, KL-target step"
+
+# Issue 16, two follow-up questions of the study (docs/results/RESULTS_HEADROOM_EXTRA.md, reported with its runs):
+# does GRPO do better below 1e-4 (5e-5), and the KL-target step with delta = 5e-4 (about a GRPO step's predicted KL at
+# 1e-4) at both ends of the 10x range. Same budget, seeds and warm starts (the study's cache).
+HEADROOM_EXTRA_ROOT ?= runs/sweep-headroom-extra
+.PHONY: reproduce-headroom-extra
+reproduce-headroom-extra: reproduce-headroom
+	$(VPY) -m experiments.sweep --runs kl_target_low@5e-4,kl_target_low@5e-5,grpo@5e-5 \
+	  --root $(HEADROOM_EXTRA_ROOT) --cache_dir $(HEADROOM_ROOT)/cache $(HEADROOM_ARGS)
+	$(VPY) -m experiments.report --root $(HEADROOM_ROOT),$(HEADROOM_EXTRA_ROOT) --out docs/results \
+	  --markdown RESULTS_HEADROOM_EXTRA.md --figures headroom-extra --make_target reproduce-headroom-extra \
+	  --title "Results, the task with RL headroom (issue 16): the study with GRPO at 5e-5 and the KL-target step at delta 5e-4"

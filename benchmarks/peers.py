@@ -240,6 +240,8 @@ def run_ours(algorithm: str, folder: pathlib.Path, workdir: pathlib.Path, steps:
       # until the end.
       "EvalConfig.every = 1000000", "EvalConfig.num_problems = 16", "EvalConfig.k = 1",
       "CheckpointConfig.every = 1000000",
+      # At kl_coef = 0 neither peer loads a reference policy: no reference forward pass here either.
+      "LossConfig.track_kl = False",
   ]
   run_dir = workdir / f"capo_jax-{algorithm}"
   if run_dir.exists():

@@ -68,7 +68,8 @@ def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None
 
 def objective(cfg: TrainConfig) -> learner.Objective:
   return learner.Objective(loss=cfg.loss, completion_length=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature, ratio_one=cfg.optimizer.single_pass)
+                           temperature=cfg.rollout.temperature, ratio_one=cfg.optimizer.single_pass,
+                           track_kl=cfg.loss.track_kl)
 
 
 def capo_token_mask_fn(capo: MaskedTransformation) -> learner.TokenMaskFn:

@@ -225,6 +225,9 @@ class LossConfig:
   dual_clip: float | None = None
   kl_coef: float = 0.0
   kl_estimator: str = "k3"
+  # Log KL(start), the KL to the reference policy, every step even when kl_coef = 0. False (with kl_coef = 0) skips
+  # the rollout's forward pass of the reference policy; the rows then hold no "kl".
+  track_kl: bool = True
   entropy_coef: float = 0.0
   # Rollout/learner mismatch corrections (capo_jax.learner.mismatch_correction), composed with CAPO's mask:
   tis_cap: float | None = None  # C: weight each token's surrogate by min(π_learner/π_sampler, C); None: off
@@ -241,6 +244,8 @@ class LossConfig:
       raise ConfigError("LossConfig.dual_clip must be > 1 (it bounds ρ·A at c·A for A < 0), got 1.0; e.g. 3.0.")
     check_number("LossConfig", "kl_coef", self.kl_coef, minimum=0.0)
     check_choice("LossConfig", "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+    if not isinstance(self.track_kl, bool):
+      raise ConfigError(f"LossConfig.track_kl must be True or False, got {self.track_kl!r}.")
     check_number("LossConfig", "entropy_coef", self.entropy_coef, minimum=0.0)
     check_number("LossConfig", "tis_cap", self.tis_cap, positive=True, allow_none=True)
     check_number("LossConfig", "seq_mask_max_logprob_diff", self.seq_mask_max_logprob_diff, positive=True,

@@ -429,7 +429,7 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
 
   optimizer, capo = components.build_optimizer(cfg, logits_fn)
   learner_step = components.make_learner_step(cfg, graphdef, optimizer, capo)
-  rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss, mesh=mesh)
+  rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss, track_kl=cfg.loss.track_kl, mesh=mesh)
   evaluator = Evaluator(task, tokenizer, cfg.eval, max_prompt_length=cfg.rollout.max_prompt_length,
                         max_new_tokens=cfg.rollout.max_new_tokens, mesh=mesh)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.num_steps)

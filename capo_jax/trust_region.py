@@ -10,7 +10,7 @@ For a proposed update Δθ (all parameters, learning rate included) and the batc
     Δθ'         = s · Δθ,        so KL_pred(Δθ') = s² KL_pred(Δθ) = min(KL_pred(Δθ), δ)
 
 KL_pred is the second-order expansion of the mean KL(π_θ ‖ π_{θ+Δθ}); for large steps it can over- or under-shoot the
-exact KL (docs/RESULTS.md), so δ is a knob on the model's scale, not a guarantee.
+exact KL (docs/results/RESULTS_MINI.md), so δ is a knob on the model's scale, not a guarantee.
 
 As an optax transformation, ``trust_region_transform(inner, max_kl=δ, logits_fn=...)`` wraps the optimizer whose
 update it limits. Contract of ``update(grads, state, params, *, batch, **extra)``:

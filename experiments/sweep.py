@@ -4,10 +4,14 @@
         --root runs/sweep-mini [--parallel 2] [--prompts_per_step 16 --group_size 8 --num_steps 60] \\
         [--gin_param EvalConfig.every=10 ...]
 
+    python -m experiments.sweep --runs kl_target@5e-4,grpo@1e-4,grpo@2e-4 --seeds 0,1,2 --root ... --parallel 2
+
 Every (method, lr, seed) is one ``python -m experiments.run`` subprocess with its own workdir
 ``<root>/<method>/lr<lr>/seed<seed>`` and one shared warm-start cache ``<root>/cache`` (all methods of one seed share
 one warm start). At most ``--parallel`` run at once; while a seed's warm start is being built, no second run of that
-seed starts (it would build the same warm start again).
+seed starts (it would build the same warm start again). With ``--parallel`` > 1 every run is pinned to its own share
+of the CPUs (``cpu_lanes``), so that the runs' XLA thread pools do not oversubscribe the cores; and the runs share
+JAX's persistent compilation cache ``<cache_dir>/jax-compilation`` (runs of one shape compile once).
 
 Resumable: a finished run (its ``metrics.jsonl`` holds the eval row of the final step) is skipped; an unfinished one is
 rerun with the same command and resumes from its latest checkpoint. Equal budget: every run gets the same
@@ -46,7 +50,7 @@ _TRUST_REGION = ("CurvatureConfig.step_control='trust_region'", "CurvatureConfig
 
 # The learning rate at which the released CAPO τ's are taken as calibrated, for the η-scaled preset: at lr η,
 # τ_H = 1e-2 · (η / η_ref) and τ_F = 1e-4 · (η / η_ref)², the exponents m_H ∝ η and m_F ∝ η² that the first-step
-# quantiles follow (docs/RESULTS.md), so the mask rejects the same tokens at every η.
+# quantiles follow (docs/results/RESULTS_MINI.md), so the mask rejects the same tokens at every η.
 TAU_REFERENCE_LR = 1e-4
 
 # name → (gin file, extra bindings). "{tr_kl}" is replaced by --trust_region_kl, "{tau_h_eta}" / "{tau_f_eta}" by the
@@ -76,6 +80,9 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     # GRPO with the curvature-controlled step size (docs/MATH.md §7): s = clip(√(δ / KL̂), 0, s_max), δ and s_max
     # from algorithms/kl_target.gin (its own δ, not --trust_region_kl: a target, not a ceiling).
     "kl_target": ("arith_kl_target.gin", ()),
+    # The same rule with δ = 5e-4, about the predicted KL of a GRPO step at lr 1e-4 on the task with RL headroom
+    # (docs/RESULTS.md): lr-free GRPO at that rate, where the preset's δ = 2e-3 corresponds to about 2e-4.
+    "kl_target_low": ("arith_kl_target.gin", ("CurvatureConfig.max_kl=5e-4", "TrainConfig.name='kl_target_low'")),
     # GRPO with Theorem 5.1 acceptance of the prompt groups (docs/MATH.md §3), default δ_H = 0, no KL bound.
     "subset": ("arith_grpo.gin", ("CurvatureConfig.mode='subset'", "TrainConfig.name='subset'")),
     # The same with the theorem's KL condition: a group is also refused when its own step's predicted mean KL
@@ -119,7 +126,7 @@ def _parse_list(text: str, kind, name: str) -> list:
   items = [t.strip() for t in text.split(",") if t.strip()]
   if not items:
     raise ValueError(f"--{name} is empty; give a comma-separated list, e.g. --{name}=" +
-                     {"methods": "grpo,capo", "lrs": "1e-4,5e-4", "seeds": "0,1,2"}[name] + ".")
+                     {"methods": "grpo,capo", "lrs": "1e-4,5e-4", "seeds": "0,1,2", "runs": "grpo@1e-4,capo@5e-4"}[name] + ".")
   try:
     values = [kind(t) for t in items]
   except ValueError as e:
@@ -129,19 +136,40 @@ def _parse_list(text: str, kind, name: str) -> list:
   return values
 
 
+def parse_pairs(text: str) -> list[tuple[str, float]]:
+  """``--runs``: ``method@lr,method@lr,...`` → [(method, lr)] in the order given."""
+  pairs = []
+  for item in _parse_list(text, str, "runs"):
+    method, sep, lr = item.partition("@")
+    try:
+      pairs.append((method.strip(), float(lr)))
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise ValueError(f"--runs: {item!r} is not method@lr; write e.g. --runs grpo@1e-4,kl_target@5e-4.")
+  if len(set(pairs)) != len(pairs):
+    raise ValueError(f"--runs lists a (method, lr) twice: {text!r}.")
+  return pairs
+
+
 def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], root: str, *,
          prompts_per_step: int = 16, group_size: int = 8, num_steps: int = 60,
          gin_params: Sequence[str] = (), trust_region_kl: float = DEFAULT_TRUST_REGION_KL,
-         cache_dir: str | None = None, python: str = sys.executable) -> list[PlannedRun]:
+         cache_dir: str | None = None, python: str = sys.executable,
+         pairs: Sequence[tuple[str, float]] | None = None) -> list[PlannedRun]:
   """The grid as a list of runs: learning rates in the order given (list the most important first, so a partial sweep
   has it), methods within each, and seeds interleaved so that consecutive runs have different seeds (two workers
-  build two warm starts at once).
+  build two warm starts at once). ``pairs`` (then ``methods`` and ``lrs`` are ignored): the (method, lr) cells in
+  the order given, e.g. the most expensive first, so that the workers finish together.
 
   Every run's command is ``python -m experiments.run --gin_file=<preset> --workdir=<root>/<method>/lr<lr>/seed<seed>
   --cache_dir=<root>/cache`` with the budget, ``learning_rate`` and ``seed`` bound last (after ``gin_params`` and the
   preset's bindings), so the budget prompts_per_step × group_size × num_steps is the same for every run.
   ``cache_dir`` (default ``<root>/cache``) may be shared between sweeps: warm starts do not depend on the RL budget.
   """
+  if pairs is not None:
+    methods = list(dict.fromkeys(m for m, _ in pairs))
+    lrs = list(dict.fromkeys(lr for _, lr in pairs))
   unknown = [m for m in methods if m not in PRESETS]
   if unknown:
     raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(PRESETS)}.")
@@ -166,7 +194,7 @@ def plan(methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], roo
   root = os.path.normpath(root)
   cache_dir = os.path.normpath(cache_dir) if cache_dir else os.path.join(root, "cache")
   runs = []
-  grid = [(m, lr) for lr in lrs for m in methods]  # lr-major, in the order given: list the key lr first
+  grid = list(pairs) if pairs is not None else [(m, lr) for lr in lrs for m in methods]  # lr-major by default
   for i, (method, lr) in enumerate(grid):
     for seed in seeds:
       gin_file, bindings = PRESETS[method]
@@ -262,12 +290,35 @@ class Manifest:
     self._update(change)
 
 
+def cpu_lanes(cpus: Sequence[int], parallel: int) -> list[tuple[int, ...]] | None:
+  """``parallel`` disjoint, near-equal shares of ``cpus`` (one per worker), or None when there are fewer CPUs than
+  workers (or one worker: nothing to pin)."""
+  cpus = sorted(cpus)
+  if parallel < 2 or len(cpus) < parallel:
+    return None
+  return [tuple(cpus[i * len(cpus) // parallel:(i + 1) * len(cpus) // parallel]) for i in range(parallel)]
+
+
+def _pinned(cpus: tuple[int, ...] | None):
+  """A ``preexec_fn`` that restricts the child to ``cpus`` (XLA sizes its thread pool by the CPUs it may use)."""
+  if cpus is None or not hasattr(os, "sched_setaffinity"):
+    return None
+  return lambda: os.sched_setaffinity(0, cpus)
+
+
 def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: int = 1, argv: Sequence[str] = (),
-            poll_s: float = 1.0, log=print, env: dict | None = None) -> dict[str, str]:
+            poll_s: float = 1.0, log=print, env: dict | None = None, pin: bool = True,
+            compile_cache_dir: str | None = None) -> dict[str, str]:
   """Runs the planned runs (skipping finished ones), at most ``parallel`` at once. Returns run id → status
-  (``skipped``, ``finished`` or ``failed rc=N``)."""
+  (``skipped``, ``finished`` or ``failed rc=N``).
+
+  ``pin``: each worker's runs keep to one share of this process's CPUs (``cpu_lanes``). ``compile_cache_dir``: JAX's
+  persistent compilation cache for the runs (``JAX_COMPILATION_CACHE_DIR``, every compilation cached), unless the
+  environment already names one.
+  """
   if parallel < 1:
     raise ValueError(f"--parallel must be ≥ 1, got {parallel}.")
+  lanes = cpu_lanes(os.sched_getaffinity(0), parallel) if pin and hasattr(os, "sched_getaffinity") else None
   os.makedirs(root, exist_ok=True)
   manifest = Manifest(root)
   invocation = {"argv": list(argv), "start": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -283,36 +334,43 @@ def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: 
       log(f"[sweep] skip (finished): {run.run_id}")
     else:
       pending.append(run)
-  running: dict[str, tuple[PlannedRun, subprocess.Popen, float, object]] = {}
+  running: dict[str, tuple[PlannedRun, subprocess.Popen, float, object, int]] = {}
   ready_seeds = {r.seed for r in runs if status.get(r.run_id) == "skipped" or _has_started_rl(r.workdir)}
   env = dict(os.environ if env is None else env)
   env.setdefault("PYTHONPATH", REPO)
+  if compile_cache_dir and "JAX_COMPILATION_CACHE_DIR" not in env:
+    env.update(JAX_COMPILATION_CACHE_DIR=os.path.abspath(compile_cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  free_lanes = list(range(parallel))
   try:
     while pending or running:
       # Seeds whose warm start now exists (a run of theirs has written a metrics row).
-      for run, _, _, _ in running.values():
+      for run, *_ in running.values():
         if run.seed not in ready_seeds and _has_started_rl(run.workdir):
           ready_seeds.add(run.seed)
-      busy_seeds = {run.seed for run, _, _, _ in running.values()}
+      busy_seeds = {run.seed for run, *_ in running.values()}
       started = False
       if len(running) < parallel:
         for run in pending:
           if run.seed in ready_seeds or run.seed not in busy_seeds:
             os.makedirs(run.workdir, exist_ok=True)
             logf = open(os.path.join(run.workdir, "run.log"), "a")
-            proc = subprocess.Popen(list(run.argv), cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
-            running[run.run_id] = (run, proc, time.time(), logf)
+            lane = free_lanes.pop(0)
+            proc = subprocess.Popen(list(run.argv), cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_pinned(lanes[lane] if lanes else None))
+            running[run.run_id] = (run, proc, time.time(), logf, lane)
             pending.remove(run)
-            manifest.record(run, status="running", pid=proc.pid)
+            manifest.record(run, status="running", pid=proc.pid, cpus=list(lanes[lane]) if lanes else None)
             log(f"[sweep] start {run.run_id} (pid {proc.pid}; {len(pending)} pending)")
             started = True
             break
-      for run_id, (run, proc, t0, logf) in list(running.items()):
+      for run_id, (run, proc, t0, logf, lane) in list(running.items()):
         rc = proc.poll()
         if rc is None:
           continue
         logf.close()
         del running[run_id]
+        free_lanes.append(lane)
         wall = time.time() - t0
         ok = rc == 0 and is_finished(run.workdir, num_steps)
         status[run_id] = "finished" if ok else f"failed rc={rc}"
@@ -322,7 +380,7 @@ def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: 
       if not started:
         time.sleep(poll_s)
   finally:
-    for run, proc, _, logf in running.values():  # interrupted: stop our children (they resume on the next call)
+    for run, proc, _, logf, _ in running.values():  # interrupted: stop our children (they resume on the next call)
       proc.terminate()
       proc.wait()
       logf.close()
@@ -334,8 +392,10 @@ def execute(runs: Sequence[PlannedRun], root: str, *, num_steps: int, parallel: 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
-  p.add_argument("--methods", required=True, help=f"comma-separated presets: {','.join(PRESETS)}")
-  p.add_argument("--lrs", required=True, help="comma-separated learning rates, e.g. 1e-4,5e-4")
+  p.add_argument("--methods", help=f"comma-separated presets: {','.join(PRESETS)}")
+  p.add_argument("--lrs", help="comma-separated learning rates, e.g. 1e-4,5e-4")
+  p.add_argument("--runs", help="instead of --methods × --lrs: comma-separated method@lr cells, in the order to run "
+                 "them, e.g. kl_target@5e-4,grpo@1e-4")
   p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
   p.add_argument("--root", required=True, help="sweep folder (runs, cache and manifest.json)")
   p.add_argument("--parallel", type=int, default=1, help="runs at once")
@@ -346,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="δ of the trust_region presets (predicted mean KL per step)")
   p.add_argument("--cache_dir", default=None, help="warm-start cache (default <root>/cache; shareable)")
   p.add_argument("--gin_param", action="append", default=[], help="extra binding for every run (repeatable)")
+  p.add_argument("--no_pin", action="store_true", help="do not pin parallel runs to separate CPUs")
   p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
   return p
 
@@ -354,10 +415,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   try:
-    runs = plan(_parse_list(args.methods, str, "methods"), _parse_list(args.lrs, float, "lrs"),
-                _parse_list(args.seeds, int, "seeds"), args.root, prompts_per_step=args.prompts_per_step,
-                group_size=args.group_size, num_steps=args.num_steps, gin_params=args.gin_param,
-                trust_region_kl=args.trust_region_kl, cache_dir=args.cache_dir)
+    if (args.runs is None) == (args.methods is None and args.lrs is None) or (
+        args.runs is None and (args.methods is None or args.lrs is None)):
+      raise ValueError("give either --methods and --lrs (their grid) or --runs method@lr,... (those cells).")
+    pairs = parse_pairs(args.runs) if args.runs is not None else None
+    methods = _parse_list(args.methods, str, "methods") if pairs is None else []
+    lrs = _parse_list(args.lrs, float, "lrs") if pairs is None else []
+    runs = plan(methods, lrs, _parse_list(args.seeds, int, "seeds"), args.root,
+                prompts_per_step=args.prompts_per_step, group_size=args.group_size, num_steps=args.num_steps,
+                gin_params=args.gin_param, trust_region_kl=args.trust_region_kl, cache_dir=args.cache_dir,
+                pairs=pairs)
     if args.parallel < 1:
       raise ValueError(f"--parallel must be ≥ 1, got {args.parallel}.")
   except ValueError as e:
@@ -367,8 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in runs:
       print(r.command)
     return 0
+  cache_dir = args.cache_dir or os.path.join(args.root, "cache")
   status = execute(runs, args.root, num_steps=args.num_steps, parallel=args.parallel,
-                   argv=["python", "-m", "experiments.sweep", *argv])
+                   argv=["python", "-m", "experiments.sweep", *argv], pin=not args.no_pin,
+                   compile_cache_dir=os.path.join(cache_dir, "jax-compilation"))
   failed = {k: v for k, v in status.items() if v.startswith("failed")}
   print(f"[sweep] {len(status) - len(failed)}/{len(status)} runs finished; manifest {args.root}/manifest.json")
   for k, v in failed.items():

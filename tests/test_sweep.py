@@ -54,6 +54,31 @@ def test_plan_bad_input(tmp_path):
     sweep.plan(["grpo"], [0.0], [0], str(tmp_path))
   assert sweep.main(["--methods", "grpo", "--lrs", "1e-4,x", "--root", str(tmp_path)]) == 2
   assert sweep.main(["--methods", "grpo", "--lrs", "1e-4", "--root", str(tmp_path), "--parallel", "0"]) == 2
+  assert sweep.main(["--methods", "grpo", "--root", str(tmp_path)]) == 2  # no --lrs
+  assert sweep.main(["--runs", "grpo@1e-4", "--methods", "grpo", "--root", str(tmp_path)]) == 2  # both ways
+  for bad in ("grpo", "grpo@x", "grpo@1e-4,grpo@1e-4", "nope@1e-4"):
+    assert sweep.main(["--runs", bad, "--root", str(tmp_path), "--dry_run"]) == 2, bad
+
+
+def test_plan_cells_in_the_order_given(tmp_path, capsys):
+  assert sweep.parse_pairs("kl_target@5e-4, grpo@1e-4,grpo@5e-4") == [
+      ("kl_target", 5e-4), ("grpo", 1e-4), ("grpo", 5e-4)]
+  runs = sweep.plan([], [], [0, 1], str(tmp_path), python="PY",
+                    pairs=[("kl_target", 5e-4), ("grpo", 1e-4), ("grpo", 5e-4)])
+  assert [(r.method, r.lr, r.seed) for r in runs] == [
+      ("kl_target", 5e-4, 0), ("kl_target", 5e-4, 1), ("grpo", 1e-4, 0), ("grpo", 1e-4, 1), ("grpo", 5e-4, 0),
+      ("grpo", 5e-4, 1)]  # no kl_target at 1e-4: only the cells named
+  assert sweep.main(["--runs", "kl_target@5e-4,grpo@1e-4", "--seeds", "0", "--root", str(tmp_path),
+                     "--dry_run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and "arith_kl_target.gin" in lines[0] and "learning_rate=0.0001" in lines[1]
+
+
+def test_cpu_lanes():
+  assert sweep.cpu_lanes([0, 1], 2) == [(0,), (1,)]
+  assert sweep.cpu_lanes([3, 0, 1, 2, 4], 2) == [(0, 1), (2, 3, 4)]
+  assert sweep.cpu_lanes([0, 1], 3) is None  # fewer CPUs than workers: no pinning
+  assert sweep.cpu_lanes([0, 1, 2, 3], 1) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +88,8 @@ FAKE_RUN = r"""
 import json, os, sys, time
 workdir, steps, events, fail = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 with open(events, "a") as f:
-  f.write(json.dumps({"start": workdir, "t": time.time()}) + "\n")
+  f.write(json.dumps({"start": workdir, "t": time.time(), "cpus": sorted(os.sched_getaffinity(0)),
+                      "cache": os.environ.get("JAX_COMPILATION_CACHE_DIR")}) + "\n")
 time.sleep(0.3)  # "warm start": no metrics row yet
 os.makedirs(workdir, exist_ok=True)
 with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
@@ -129,9 +155,18 @@ def test_execute_does_not_build_one_warm_start_twice(tmp_path):
   # Two runs of seed 0 and one of seed 1, two workers: the second seed-0 run waits for the first one's first
   # metrics row (its warm start is cached by then); the seed-1 run starts at once beside it.
   runs, events = _fake_runs(tmp_path, [("a", 0, False), ("b", 0, False), ("c", 1, False)], steps=1)
-  status = sweep.execute(runs, str(tmp_path / "root"), num_steps=1, parallel=2, poll_s=0.02, log=lambda _: None)
+  status = sweep.execute(runs, str(tmp_path / "root"), num_steps=1, parallel=2, poll_s=0.02, log=lambda _: None,
+                         compile_cache_dir=str(tmp_path / "cc"), env={k: v for k, v in os.environ.items()
+                                                                     if k != "JAX_COMPILATION_CACHE_DIR"})
   assert set(status.values()) == {"finished"}
   ev = _events(events)
+  # Every run got the shared compilation cache; with two CPUs or more, the two workers' CPUs never overlap.
+  assert {e["cache"] for e in ev if "start" in e} == {str(tmp_path / "cc")}
+  lanes = sweep.cpu_lanes(os.sched_getaffinity(0), 2)
+  if lanes:
+    starts = {e["start"]: set(e["cpus"]) for e in ev if "start" in e}
+    assert all(cpus in ({*lanes[0]}, {*lanes[1]}) for cpus in starts.values())
+    assert starts[runs[0].workdir].isdisjoint(starts[runs[2].workdir])  # a and c ran at the same time
   t = {(k, e[k]): e["t"] for e in ev for k in ("start", "first_row") if k in e}
   a, b, c = (r.workdir for r in runs)
   assert t[("start", b)] >= t[("first_row", a)]

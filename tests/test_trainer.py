@@ -31,6 +31,7 @@ EvalConfig.num_problems = 8
 EvalConfig.k = 2
 CheckpointConfig.every = 2
 OptimizerConfig.learning_rate = 1e-3
+LossConfig.track_kl = True
 """
 
 REQUIRED_TRAIN_FIELDS = (
@@ -245,3 +246,28 @@ WarmStartConfig.steps = 150
   assert "EchoDigitTask.offset = 3" in (workdir / "config.gin").read_text()
   # No alarming start-up noise.
   assert "Path not found" not in proc.stderr and "PyTorch was not found" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_track_kl_off_skips_the_reference_and_changes_nothing_else(tmp_path, cache_dir, monkeypatch):
+  from capo_jax import rollout as rollout_lib  # pylint: disable=import-outside-toplevel
+  calls = []
+  real_init = rollout_lib.Rollout.__init__
+
+  def counting_init(self, *args, **kw):
+    real_init(self, *args, **kw)
+    inner = self._reference_logprobs
+    self._reference_logprobs = lambda *a: (calls.append(1), inner(*a))[1]
+
+  monkeypatch.setattr(rollout_lib.Rollout, "__init__", counting_init)
+  extra = "TrainConfig.num_steps = 2\nEvalConfig.every = 2\n"
+  on = _in_process(_write_gin(tmp_path, "grpo", extra), tmp_path / "on", cache_dir)
+  assert len(calls) == 2  # one reference forward per step
+  off = _in_process(_write_gin(tmp_path, "grpo", extra + "LossConfig.track_kl = False\n"), tmp_path / "off",
+                    cache_dir)
+  assert len(calls) == 2  # none more
+  on_train, off_train = ([r for r in rows if "reward_mean" in r] for rows in (on, off))
+  assert all(r["kl"] is not None and r["kl"] >= 0 for r in on_train)
+  assert all(r["kl"] is None for r in off_train)
+  # The reference enters nothing else at kl_coef = 0: every other number is the same.
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "kl"} for r in _comparable(rows)]
+  assert strip(on) == strip(off)
