@@ -127,5 +127,5 @@ reproduce-headroom-extra: reproduce-headroom
 	$(VPY) -m experiments.sweep --runs kl_target_low@5e-4,kl_target_low@5e-5,grpo@5e-5 \
 	  --root $(HEADROOM_EXTRA_ROOT) --cache_dir $(HEADROOM_ROOT)/cache $(HEADROOM_ARGS)
 	$(VPY) -m experiments.report --root $(HEADROOM_ROOT),$(HEADROOM_EXTRA_ROOT) --out docs/results \
-	  --markdown RESULTS_HEADROOM_EXTRA.md --figures headroom-extra --make_target reproduce-headroom-extra \
+	  --markdown RESULTS_HEADROOM_EXTRA.md --figures headroom-extra --make_target reproduce-headroom-extra --conservative_lr 1e-4 \
 	  --title "Results, the task with RL headroom (issue 16): the study with GRPO at 5e-5 and the KL-target step at delta 5e-4"

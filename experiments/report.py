@@ -207,17 +207,24 @@ def per_seed_reach(row: dict[str, Any], target: float, c_ref: float | None) -> d
           "completions": reached, "ratio": mean_sem(ratios) if ratios else (math.nan, math.nan)}
 
 
-def sample_efficiency(table) -> dict[str, Any]:
-  """Ratios at the aggressive (largest) lr against conservative GRPO (smallest lr) and the best stable GRPO
-  (``rows``), and for every (method, lr) with the per-seed spread (``all_rows``, ``per_seed_reach``)."""
+def sample_efficiency(table, conservative_lr: float | None = None) -> dict[str, Any]:
+  """Ratios at the aggressive (largest) lr against conservative GRPO (GRPO at ``conservative_lr``, default its
+  smallest lr) and the best stable GRPO (``rows``), and for every (method, lr) with the per-seed spread
+  (``all_rows``, ``per_seed_reach``)."""
   lrs = sorted({row["lr"] for row in table})
   grpo = {row["lr"]: row for row in table if row["method"] == "grpo"}
   if not lrs or not grpo:
     return {}
   aggressive = lrs[-1]
   refs = {}
-  if min(grpo) in grpo:
+  if conservative_lr is None:
     refs["conservative GRPO"] = grpo[min(grpo)]
+  else:
+    match = [lr for lr in grpo if math.isclose(lr, conservative_lr, rel_tol=1e-6)]
+    if not match:
+      raise ValueError(f"--conservative_lr {conservative_lr:g}: no GRPO runs at that lr (GRPO ran at "
+                       f"{', '.join(f'{lr:g}' for lr in sorted(grpo))}).")
+    refs["conservative GRPO"] = grpo[match[0]]
   stable = [r for r in grpo.values() if r["collapsed"][0] == 0 and r["collapsed"][1] > 0]
   if stable:
     refs["best stable GRPO"] = max(stable, key=lambda r: r["final"][0])
@@ -638,7 +645,7 @@ def write_markdown(root, out, table, eff, scaling, figures, argv, skipped=(), *,
 
 def report(root: str, out: str, argv: Sequence[str] = (), *, markdown: str = "RESULTS.md",
            figures_dir: str = "results", title: str = "Results: the miniature reproduction study (issue 6)",
-           make_target: str = "reproduce-mini") -> dict[str, Any]:
+           make_target: str = "reproduce-mini", conservative_lr: float | None = None) -> dict[str, Any]:
   """Writes the figures and RESULTS.md; returns ``{"table", "efficiency", "scaling", "paths"}``."""
   skipped: list[str] = []
   runs = load_all(root, skipped=skipped)
@@ -661,7 +668,7 @@ def report(root: str, out: str, argv: Sequence[str] = (), *, markdown: str = "RE
   plot_curvature(runs, os.path.join(fig_dir, "curvature.png"))
   figures.append((f"{figures_dir}/curvature.png", "m_H and m_F quantiles over training (p90 line, p50–p99 band)"))
   table = summarize(runs)
-  eff = sample_efficiency(table)
+  eff = sample_efficiency(table, conservative_lr)
   scaling = curvature_scaling(runs)
   path = write_markdown(root, out, table, eff, scaling, figures, argv, skipped, markdown=markdown,
                         figures_dir=figures_dir, title=title, make_target=make_target)
@@ -679,10 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--markdown", default="RESULTS.md", help="the report's file name under --out")
   p.add_argument("--figures", default="results", help="the figures' folder under --out")
   p.add_argument("--title", default="Results: the miniature reproduction study (issue 6)", help="the report's title")
+  p.add_argument("--conservative_lr", type=float, default=None,
+                 help="the GRPO lr of the 'conservative GRPO' reference (default: GRPO's smallest lr)")
   args = p.parse_args(argv)
   try:
     result = report(args.root, args.out, argv, markdown=args.markdown, figures_dir=args.figures, title=args.title,
-                    make_target=args.make_target)
+                    make_target=args.make_target, conservative_lr=args.conservative_lr)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
