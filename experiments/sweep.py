@@ -140,13 +140,11 @@ def parse_pairs(text: str) -> list[tuple[str, float]]:
   """``--runs``: ``method@lr,method@lr,...`` → [(method, lr)] in the order given."""
   pairs = []
   for item in _parse_list(text, str, "runs"):
-    method, sep, lr = item.partition("@")
+    method, _, lr = item.partition("@")
     try:
       pairs.append((method.strip(), float(lr)))
-    except ValueError:
-      sep = ""
-    if not sep:
-      raise ValueError(f"--runs: {item!r} is not method@lr; write e.g. --runs grpo@1e-4,kl_target@5e-4.")
+    except ValueError as e:  # no "@", or not a number after it
+      raise ValueError(f"--runs: {item!r} is not method@lr; write e.g. --runs grpo@1e-4,kl_target@5e-4.") from e
   if len(set(pairs)) != len(pairs):
     raise ValueError(f"--runs lists a (method, lr) twice: {text!r}.")
   return pairs
@@ -415,8 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   try:
-    if (args.runs is None) == (args.methods is None and args.lrs is None) or (
-        args.runs is None and (args.methods is None or args.lrs is None)):
+    grid_flags = (args.methods is not None, args.lrs is not None)
+    if grid_flags != ((False, False) if args.runs is not None else (True, True)):
       raise ValueError("give either --methods and --lrs (their grid) or --runs method@lr,... (those cells).")
     pairs = parse_pairs(args.runs) if args.runs is not None else None
     methods = _parse_list(args.methods, str, "methods") if pairs is None else []

@@ -250,6 +250,7 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
            "curve": (np.array([0, 1000]), np.array([0.45, 0.45]), np.zeros(2), 3)}]
   flat_eff = report.sample_efficiency(flat)
   assert flat_eff["refs"]["conservative GRPO"]["c_ref"] is None
+  assert {e["method"]: e["conservative GRPO"] for e in flat_eff["rows"]} == {"tr": (0.0, None)}
   # The conservative reference at a named lr: GRPO at 5e-4, seed-mean final (0.1 + 0.05 + 0.3) / 3 = 0.15; the best
   # stable GRPO stays 1e-4; an lr GRPO never ran at is refused.
   named = report.sample_efficiency(res["table"], conservative_lr=5e-4)
@@ -258,7 +259,6 @@ def test_report_numbers_on_synthetic_runs(tmp_path):
   assert named["refs"]["best stable GRPO"]["lr"] == 1e-4
   with pytest.raises(ValueError, match="no GRPO runs at that lr"):
     report.sample_efficiency(res["table"], conservative_lr=2e-4)
-  assert {e["method"]: e["conservative GRPO"] for e in flat_eff["rows"]} == {"tr": (0.0, None)}
   # First-step m_H p50 scales with lr in the synthetic data: 5× between the lrs.
   sc = {(s["method"], s["lr"]): s for s in res["scaling"]}
   assert sc[("grpo", 5e-4)]["m_hessian_p50"] / sc[("grpo", 1e-4)]["m_hessian_p50"] == pytest.approx(5.0)
