@@ -45,7 +45,9 @@ class ModelConfig:
     remat: what the backward pass keeps of each (scanned) decoder block, as a `jax.checkpoint` policy: "none" (no
       checkpoint: keep every intermediate), "full" (keep only the block's input, recompute the rest), "dots_saveable"
       (keep matmul outputs), "dots_with_no_batch_dims_saveable" (keep the weight matmuls, recompute attention). Values
-      and gradients are the same for every policy; memory and recompute differ. True/False mean "full"/"none".
+      and gradients are the same for every policy up to float rounding; memory and recompute differ. True/False mean
+      "full"/"none". The default keeps the weight matmuls' outputs: on CPU it is also the fastest (less memory
+      traffic than keeping every intermediate; docs/PERFORMANCE.md, "Notes: predictions and outcomes").
     model_type: "qwen2" or "llama"; decides the HF names and `architectures` written by `save_hf`.
     initializer_range: std of the normal init of random weights.
     max_position_embeddings: the context length the checkpoint was trained for (metadata; RoPE does not need it).
@@ -68,7 +70,7 @@ class ModelConfig:
   mlp_bias: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: str = "none"
+  remat: str = "dots_with_no_batch_dims_saveable"
   model_type: str = "qwen2"
   initializer_range: float = 0.02
   max_position_embeddings: int = 32768

@@ -110,13 +110,26 @@ class RMSNorm(nnx.Module):
     return rms_norm(x, self.weight[...], self.eps)
 
 
+class Linear(nnx.Linear):
+  """`nnx.Linear` applied to the rows of a 2-D view of its input: [..., in] → [rows, in] · [in, out] → [..., out].
+
+  The same values as `nnx.Linear`; what changes is the weight gradient Σ_rows xᵀ·dy, which then contracts one axis
+  instead of the batch and time axes together (XLA:CPU would first transpose the activations for the latter;
+  docs/PERFORMANCE.md, "Notes: predictions and outcomes").
+  """
+
+  def __call__(self, x):
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE; q/k/v (and optionally o) biases."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     self.implementation = cfg.attention_implementation
-    linear = lambda i, o, bias: nnx.Linear(
+    linear = lambda i, o, bias: Linear(
         i, o, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
         kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
     h, n, k, d = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -156,7 +169,7 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) ⊙ up(x))."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    linear = lambda i, o: nnx.Linear(
+    linear = lambda i, o: Linear(
         i, o, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
         kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
     self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
