@@ -89,7 +89,8 @@ def make_learner_step(cfg: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax
   """The jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)`` of ``cfg.curvature.mode`` (params and
   optimizer state donated).
 
-  none / last_layer: ``make_rl_step`` (with the last-layer hook when a ``masked_transform`` is in the chain);
+  none / last_layer: ``make_rl_step`` (with the last-layer hook when a ``masked_transform`` is in the chain, and
+  ``OptimizerConfig.micro_batches`` slices of gradient accumulation);
   full_network: ``make_fullnet_rl_step`` with the τ's (the last-layer pass, if any, as its monitor); subset:
   ``make_subset_rl_step`` over the ``prompts_per_step`` prompt groups.
   """
@@ -106,7 +107,8 @@ def make_learner_step(cfg: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax
     return learner.make_subset_rl_step(
         graphdef, optimizer, obj, num_subsets=cfg.rollout.prompts_per_step, delta_h=curv.subset_delta_h,
         delta_f=curv.subset_delta_f, monitor_fn=mask_fn)
-  return learner.make_rl_step(graphdef, optimizer, obj, mask_fn, pass_batch=pass_batch)
+  return learner.make_rl_step(graphdef, optimizer, obj, mask_fn, pass_batch=pass_batch,
+                              micro_batches=cfg.optimizer.micro_batches)
 
 
 def optimizer_count(opt_state: Any) -> int:

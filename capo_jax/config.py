@@ -190,6 +190,9 @@ class OptimizerConfig:
   max_grad_norm: float | None = 1.0
   num_iterations: int = 1  # passes over each batch (importance ratios ≠ 1 when > 1)
   num_minibatches: int = 1
+  # Gradient accumulation: each optimizer step's rows in this many slices, one at a time (the same update; the
+  # activations of rows / micro_batches rows alive at once). Must divide the rows of a minibatch.
+  micro_batches: int = 1
 
   def __post_init__(self):
     check_number("OptimizerConfig", "learning_rate", self.learning_rate, positive=True, maximum=1.0)
@@ -206,6 +209,7 @@ class OptimizerConfig:
     check_number("OptimizerConfig", "max_grad_norm", self.max_grad_norm, positive=True, allow_none=True)
     check_int("OptimizerConfig", "num_iterations", self.num_iterations)
     check_int("OptimizerConfig", "num_minibatches", self.num_minibatches)
+    check_int("OptimizerConfig", "micro_batches", self.micro_batches)
 
   @property
   def single_pass(self) -> bool:
@@ -463,6 +467,13 @@ class TrainConfig:
     if self.rollout.batch_size % self.optimizer.num_minibatches:
       raise ConfigError(f"OptimizerConfig.num_minibatches={self.optimizer.num_minibatches} must divide "
                         f"prompts_per_step × group_size = {self.rollout.batch_size}.")
+    rows = self.rollout.batch_size // self.optimizer.num_minibatches
+    if rows % self.optimizer.micro_batches:
+      raise ConfigError(f"OptimizerConfig.micro_batches={self.optimizer.micro_batches} must divide the "
+                        f"{rows} rows of each optimizer step (prompts_per_step × group_size / num_minibatches).")
+    if self.curvature.mode in ("full_network", "subset") and self.optimizer.micro_batches > 1:
+      raise ConfigError(f"CurvatureConfig.mode={self.curvature.mode!r} needs the whole batch in one pass: set "
+                        "OptimizerConfig.micro_batches = 1 (gradient accumulation serves modes none and last_layer).")
     if self.curvature.mode in ("full_network", "subset") and not self.optimizer.single_pass:
       raise ConfigError(f"CurvatureConfig.mode={self.curvature.mode!r} needs one gradient step per batch: set "
                         "OptimizerConfig.num_iterations = num_minibatches = 1.")

@@ -287,18 +287,25 @@ def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, objective: Object
 
 
 def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, objective: Objective,
-                 token_mask_fn: TokenMaskFn | None = None, *, pass_batch: bool = False):
+                 token_mask_fn: TokenMaskFn | None = None, *, pass_batch: bool = False, micro_batches: int = 1):
   """Jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``: one forward, one backward, one guarded
   update (``guarded_update``: skipped, state unchanged, when anything is non-finite).
 
   ``pass_batch``: also hand the batch to ``optimizer.update(..., batch=batch)`` (the curvature trust region
-  linearises the model on it).
+  linearises the model on it). ``micro_batches`` M > 1: the gradient is accumulated over M slices of the rows
+  (``accumulated_rl_grads``) — the same update, with the activations of B / M rows alive at a time.
   """
+  if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+    raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}.")
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch: SequenceBatch):
-    (_, (metrics, update_kwargs)), grads = jax.value_and_grad(rl_loss, has_aux=True)(
-        params, graphdef, batch, opt_state, objective, token_mask_fn)
+    if micro_batches == 1:
+      (_, (metrics, update_kwargs)), grads = jax.value_and_grad(rl_loss, has_aux=True)(
+          params, graphdef, batch, opt_state, objective, token_mask_fn)
+    else:
+      grads, metrics, update_kwargs = accumulated_rl_grads(params, graphdef, batch, opt_state, objective,
+                                                           token_mask_fn, micro_batches)
     if pass_batch:
       update_kwargs = dict(update_kwargs, batch=batch)
     params, opt_state, updates, finite = guarded_update(True, optimizer, grads, opt_state, params, metrics["loss"],
@@ -308,6 +315,104 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     return params, opt_state, metrics
 
   return step
+
+
+# Metrics of ``rl_loss`` that ``accumulated_rl_grads`` sums over micro-batches (the rest: see there).
+_SUMMED_METRICS = ("kept_tokens",)
+
+
+def micro_batch_rows(x: jax.Array, micro_batches: int) -> jax.Array:
+  """``[B, ...] -> [M, B / M, ...]``: micro-batch m holds rows m, m + M, m + 2M, … (strided, so that on a mesh whose
+  devices hold contiguous blocks of rows every device holds rows of every micro-batch)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+
+def join_micro_batch_rows(x: jax.Array) -> jax.Array:
+  """The inverse of ``micro_batch_rows``: ``[M, B / M, ...] -> [B, ...]`` in the batch's row order."""
+  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def accumulated_rl_grads(params, graphdef, batch: SequenceBatch, opt_state, objective: Objective,
+                         token_mask_fn: TokenMaskFn | None, micro_batches: int):
+  """``(grads, metrics, update_kwargs)`` of ``rl_loss`` on ``batch``, accumulated over ``micro_batches`` slices of its
+  rows (``micro_batch_rows``) in one ``lax.scan`` (docs/MATH.md §1.3, "Gradient accumulation").
+
+  Every aggregation is a normalised sum over rows or tokens, so with w_m the normaliser of slice m (the kept tokens
+  for ``token-mean``, the row weights Σ w_b for the sequence means) the batch's loss is Σ_m w_m L_m / Σ_m w_m and its
+  gradient Σ_m w_m ∇L_m / Σ_m w_m — exact, because the w_m are constants of the masks. A token mask (CAPO's) must
+  be a function of each row alone, which the last-layer one is. Metrics: ``loss`` combines like the loss,
+  ``pg_loss`` (before the row-weight rescale) over the kept tokens for ``token-mean`` and over the slices' equal row
+  counts otherwise; ``kept_tokens`` is summed; ``*_max`` / ``*_min`` take the max / min; every other metric is the mean of
+  the slices' values weighted by their completion tokens (exact for token means over the completion tokens). Per-row
+  arrays in ``update_kwargs`` (CAPO's ``capo_aux``) are joined back into batch order; its metrics combine as above.
+  """
+  if batch.tokens_bs.shape[0] % micro_batches:
+    raise ValueError(f"micro_batches={micro_batches} must divide the batch's {batch.tokens_bs.shape[0]} rows.")
+  token_mean = objective.loss.aggregation == "token-mean"
+
+  def one(acc, micro: SequenceBatch):
+    (_, (metrics, update_kwargs)), grads = jax.value_and_grad(rl_loss, has_aux=True)(
+        params, graphdef, micro, opt_state, objective, token_mask_fn)
+    weight = metrics["kept_tokens"] if token_mean else jnp.sum(micro.row_weight_b.astype(jnp.float32))
+    acc = jax.tree.map(lambda a, g: a + weight * g.astype(a.dtype), acc, grads)
+    return acc, (metrics, update_kwargs, weight, jnp.sum(loss_completion_mask(micro)))
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.result_type(p.dtype, jnp.float32)), params)
+  micro = jax.tree.map(lambda x: micro_batch_rows(jnp.asarray(x), micro_batches), batch)
+  summed, (metrics_m, kwargs_m, weight_m, tokens_m) = jax.lax.scan(one, zeros, micro)
+  total = jnp.sum(weight_m)
+  grads = jax.tree.map(lambda a, p: jnp.where(total > 0, a / jnp.maximum(total, 1e-30), 0.0).astype(p.dtype),
+                       summed, params)
+  pg_weight_m = weight_m if token_mean else jnp.ones_like(weight_m)
+  combine = functools.partial(_combine_micro_metrics, loss_weight_m=weight_m, pg_weight_m=pg_weight_m,
+                              token_weight_m=tokens_m)
+  return grads, combine(metrics_m), _join_update_kwargs(kwargs_m, combine)
+
+
+def _weighted_mean(x_m: jax.Array, w_m: jax.Array) -> jax.Array:
+  total = jnp.sum(w_m)
+  return jnp.where(total > 0, jnp.sum(x_m * w_m) / jnp.maximum(total, 1e-30), jnp.mean(x_m))
+
+
+def _combine_micro_metrics(metrics_m: dict[str, jax.Array], *, loss_weight_m: jax.Array, pg_weight_m: jax.Array,
+                           token_weight_m: jax.Array) -> dict[str, jax.Array]:
+  """One value per metric from the ``[M]`` values of the micro-batches (rules in ``accumulated_rl_grads``)."""
+  out = {}
+  for key, x_m in metrics_m.items():
+    x_m = jnp.asarray(x_m)
+    if x_m.ndim != 1:
+      raise ValueError(f"metric {key!r} is not a scalar per micro-batch (shape {x_m.shape[1:]}).")
+    if key == "loss":
+      out[key] = _weighted_mean(x_m, loss_weight_m)
+    elif key == "pg_loss":
+      out[key] = _weighted_mean(x_m, pg_weight_m)
+    elif key in _SUMMED_METRICS:
+      out[key] = jnp.sum(x_m)
+    elif key.endswith("_max"):
+      out[key] = jnp.max(x_m)
+    elif key.endswith("_min"):
+      out[key] = jnp.min(x_m)
+    else:
+      out[key] = _weighted_mean(x_m.astype(jnp.float32), token_weight_m)
+  return out
+
+
+def _join_update_kwargs(kwargs_m: dict[str, Any], combine: Callable) -> dict[str, Any]:
+  """``update_kwargs`` of the whole batch from the micro-batches' (leading [M] axis): per-row arrays joined in batch
+  order, a ``metrics`` dict (CAPO's ``capo_aux.metrics``) combined by ``combine``; a scalar per micro-batch (a
+  batch-level statistic) cannot be joined and raises."""
+
+  def join(x):
+    if x.ndim < 2:
+      raise ValueError("a token-mask hook returned a batch-level array; micro-batches need per-row statistics.")
+    return join_micro_batch_rows(x)
+
+  def join_value(value):
+    if hasattr(value, "_replace") and isinstance(getattr(value, "metrics", None), dict):
+      return jax.tree.map(join, value._replace(metrics={}))._replace(metrics=combine(value.metrics))
+    return jax.tree.map(join, value)
+
+  return {key: join_value(value) for key, value in kwargs_m.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ largest difference; tests/test_sharding.py asserts on the JSON written to OUT.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -158,6 +159,22 @@ def learner_checks(out: dict, keep: dict) -> None:
       w = p["lm_head"]["weight"][...]
       out[f"{key}/lm_head_spec"] = str(w.sharding.spec)
       out[f"{key}/lm_head_shard_shape"] = list(w.addressable_shards[0].data.shape)
+    if name == "capo":
+      # Gradient accumulation on a mesh: 2 slices of 4 rows (strided), each split over the batch axes.
+      sliced = dataclasses.replace(_train_config(curvature), optimizer=dataclasses.replace(OPTIMIZER, micro_batches=2))
+      _, sliced_fn = _step_with_mask(graphdef, sliced)
+      mesh = _mesh((2, 2, 2))
+      p, b = sharding.shard_params(params0, mesh), sharding.shard_batch(batch, mesh)
+      o = sharding.init_optimizer_state(optimizer, p, mesh)
+      step = sharding.jit_learner_step(sliced_fn, mesh, p, o, b)
+      keep["capo/micro_batches"] = step
+      diffs = {"loss": 0.0, "params": 0.0, "mask": 0.0}
+      for want_params, want_metrics in ref:
+        p, o, metrics = step(p, o, b)
+        diffs["loss"] = max(diffs["loss"], abs(float(metrics["loss"]) - float(want_metrics["loss"])))
+        diffs["params"] = max(diffs["params"], _max_diff(p, want_params))
+        diffs["mask"] = max(diffs["mask"], _max_diff(metrics["mask"], want_metrics["mask"]))
+      out.update({f"capo/micro_batches/{k}": v for k, v in diffs.items()})
 
 
 def top_k_checks(out: dict, keep: dict) -> None:

@@ -217,6 +217,12 @@ def test_learner_step_on_a_mesh_equals_one_device(mesh_results, algorithm, mesh)
     assert mesh_results[f"{key}/mask"] == 0.0
 
 
+def test_capo_step_with_micro_batches_on_a_mesh_equals_the_one_pass_step_on_one_device(mesh_results):
+  assert mesh_results["capo/micro_batches/loss"] <= TOLERANCE
+  assert mesh_results["capo/micro_batches/params"] <= TOLERANCE
+  assert mesh_results["capo/micro_batches/mask"] == 0.0
+
+
 def test_compared_losses_are_not_trivially_zero(mesh_results):
   # (the surrogate alone is −mean(A) = 0 at ρ ≡ 1; the KL term makes the loss depend on every log-probability)
   assert all(abs(x) > 1e-3 for x in mesh_results["grpo/reference_loss"] + mesh_results["capo/reference_loss"])
