@@ -1,6 +1,7 @@
 """Learner-step cost of GRPO vs the CAPO curvature modes, side by side on the same model, batch and optimizer.
 
     python -m benchmarks.learner_step --size tiny          # CPU: the main job's model, 128 rows × 64 tokens
+    python -m benchmarks.learner_step --size peers --methods capo-last-layer   # CPU: benchmarks/peers.py's shape
     python -m benchmarks.learner_step --size qwen2-0.5b    # GPU: Qwen2-0.5B shape, random init, bf16, B=8×1024
     python -m benchmarks.learner_step --size qwen2-0.5b --micro-batches 12   # 96×1024, gradient accumulation
 
@@ -58,6 +59,13 @@ SIZES = {
         config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                     num_kv_heads=2, dtype="float32", param_dtype="float32"),
         batch=8, time=64, prompt=16, repeats=7, steps=5, subsets=4,
+    ),
+    # The shape of benchmarks/peers.py (vocabulary 512, width 128, MLP 256, 4 layers, tied; 16 prompts × 8 samples of
+    # 32 prompt + 32 completion tokens): the CAPO/GRPO ratio there, in interleaved rounds.
+    "peers": dict(
+        config=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                    num_kv_heads=2, tie_word_embeddings=True, dtype="float32", param_dtype="float32"),
+        batch=128, time=64, prompt=32, repeats=7, steps=3, subsets=4,
     ),
     # Qwen2-0.5B shapes (random init), bf16 compute and storage.
     "qwen2-0.5b": dict(

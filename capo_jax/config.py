@@ -37,6 +37,7 @@ STEP_CONTROLS = ("none", "trust_region", "kl_target")
 SURROGATES = ("clip", "gspo", "cispo")
 LR_SCHEDULES = ("constant", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,11 @@ class PolicyConfig:
   intermediate_size: int = 384
   tie_word_embeddings: bool = False
   rope_theta: float = 10000.0
+  # Precision of the policy (an init_from folder is cast on load): the compute dtype of activations and the storage
+  # dtype of parameters. dtype = 'bfloat16' with param_dtype = 'float32' is mixed precision: bf16 matmuls and KV
+  # cache, float32 weights and Adam moments; logits, log-softmax and curvature statistics are float32 in every case.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
 
   def __post_init__(self):
     if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
@@ -125,13 +131,15 @@ class PolicyConfig:
                         f"{self.num_kv_heads}.")
     check_bool("PolicyConfig", "tie_word_embeddings", self.tie_word_embeddings)
     check_number("PolicyConfig", "rope_theta", self.rope_theta, positive=True)
+    for name in ("dtype", "param_dtype"):
+      check_choice("PolicyConfig", name, getattr(self, name), DTYPES)
 
   def architecture(self, vocab_size: int) -> ModelConfig:
     """The ``ModelConfig`` of a fresh model with this shape over ``vocab_size`` tokens."""
     return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                        num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                        tie_word_embeddings=self.tie_word_embeddings, rope_theta=self.rope_theta,
-                       attention_bias=True)
+                       attention_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 @gin.configurable

@@ -85,6 +85,8 @@ def test_trust_region_preset():
     ("LossConfig.aggregation = 'mean'", "LossConfig.aggregation must be one of"),
     ("PolicyConfig.num_heads = 3", "hidden_size=128 must be a multiple of num_heads=3"),
     ("OptimizerConfig.num_minibatches = 3", "num_minibatches=3 must divide"),
+    ("OptimizerConfig.micro_batches = 3", "micro_batches=3 must divide the 512 rows"),
+    ("PolicyConfig.dtype = 'bf16'", "PolicyConfig.dtype must be one of ['float32', 'bfloat16', 'float16']"),
 ])
 def test_bad_fields_give_one_clear_message(binding, message):
   with pytest.raises(run.UsageError, match="bad config: ") as e:
@@ -115,3 +117,18 @@ def test_the_other_algorithm_configs_train_one_step(tmp_path, algorithm):
   train_rows = [r for r in rows if "reward_mean" in r]
   assert len(train_rows) == 1 and math.isfinite(train_rows[0]["loss"])
   assert (train_rows[0]["rejected_token_fraction"] > 0.0) <= algorithm.endswith("capo")
+
+
+def test_precision_enters_the_warm_start_key_only_when_not_float32():
+  """Warm starts cached before PolicyConfig had dtype / param_dtype keep their keys (float32 is what they were);
+  another precision trains, and caches, its own."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from capo_jax.tasks.warm_start import warm_start_key  # pylint: disable=import-outside-toplevel
+  key = lambda policy: warm_start_key(ArithTask(), policy, cfg_lib.WarmStartConfig(), cfg_lib.RolloutConfig(), 0, 100)
+  without = dataclasses.make_dataclass("PolicyConfig", [
+      (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(cfg_lib.PolicyConfig)
+      if f.name not in ("dtype", "param_dtype")])
+  assert key(cfg_lib.PolicyConfig()) == key(without())
+  keys = {key(cfg_lib.PolicyConfig()), key(cfg_lib.PolicyConfig(dtype="bfloat16")),
+          key(cfg_lib.PolicyConfig(param_dtype="bfloat16"))}
+  assert len(keys) == 3
