@@ -317,8 +317,11 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
   return step
 
 
-# Metrics of ``rl_loss`` that ``accumulated_rl_grads`` sums over micro-batches (the rest: see there).
+# How ``accumulated_rl_grads`` combines the micro-batches' metrics (the rest: see there): sums, and means over the
+# kept tokens (``policy_loss``'s) or over all completion tokens (``sampler_agreement``'s).
 _SUMMED_METRICS = ("kept_tokens",)
+_KEPT_TOKEN_METRICS = ("clip_fraction", "ratio_mean", "kl", "entropy")
+_COMPLETION_TOKEN_METRICS = ("sampler_learner_kl",)
 
 
 def micro_batch_rows(x: jax.Array, micro_batches: int) -> jax.Array:
@@ -342,9 +345,11 @@ def accumulated_rl_grads(params, graphdef, batch: SequenceBatch, opt_state, obje
   gradient Σ_m w_m ∇L_m / Σ_m w_m — exact, because the w_m are constants of the masks. A token mask (CAPO's) must
   be a function of each row alone, which the last-layer one is. Metrics: ``loss`` combines like the loss,
   ``pg_loss`` (before the row-weight rescale) over the kept tokens for ``token-mean`` and over the slices' equal row
-  counts otherwise; ``kept_tokens`` is summed; ``*_max`` / ``*_min`` take the max / min; every other metric is the mean of
-  the slices' values weighted by their completion tokens (exact for token means over the completion tokens). Per-row
-  arrays in ``update_kwargs`` (CAPO's ``capo_aux``) are joined back into batch order; its metrics combine as above.
+  counts otherwise; ``kept_tokens`` is summed; ``*_max*`` / ``*_min*`` take the max / min; the token means weight each
+  slice by its tokens — kept tokens for ``policy_loss``'s, completion tokens for ``sampler_agreement``'s, completion
+  tokens × row weight for the rest (CAPO's rejected fractions) — which is exact; quantiles become the weighted mean
+  of the slices' quantiles. Per-row arrays in ``update_kwargs`` (CAPO's ``capo_aux``) are joined back into batch
+  order; its metrics combine as above.
   """
   if batch.tokens_bs.shape[0] % micro_batches:
     raise ValueError(f"micro_batches={micro_batches} must divide the batch's {batch.tokens_bs.shape[0]} rows.")
@@ -355,17 +360,19 @@ def accumulated_rl_grads(params, graphdef, batch: SequenceBatch, opt_state, obje
         params, graphdef, micro, opt_state, objective, token_mask_fn)
     weight = metrics["kept_tokens"] if token_mean else jnp.sum(micro.row_weight_b.astype(jnp.float32))
     acc = jax.tree.map(lambda a, g: a + weight * g.astype(a.dtype), acc, grads)
-    return acc, (metrics, update_kwargs, weight, jnp.sum(loss_completion_mask(micro)))
+    tokens = (metrics["kept_tokens"], jnp.sum(micro.completion_mask_bn > 0, dtype=jnp.float32),
+              jnp.sum(loss_completion_mask(micro)))
+    return acc, (metrics, update_kwargs, weight, tokens)
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.result_type(p.dtype, jnp.float32)), params)
   micro = jax.tree.map(lambda x: micro_batch_rows(jnp.asarray(x), micro_batches), batch)
-  summed, (metrics_m, kwargs_m, weight_m, tokens_m) = jax.lax.scan(one, zeros, micro)
+  summed, (metrics_m, kwargs_m, weight_m, (kept_m, completion_m, weighted_m)) = jax.lax.scan(one, zeros, micro)
   total = jnp.sum(weight_m)
   grads = jax.tree.map(lambda a, p: jnp.where(total > 0, a / jnp.maximum(total, 1e-30), 0.0).astype(p.dtype),
                        summed, params)
   pg_weight_m = weight_m if token_mean else jnp.ones_like(weight_m)
   combine = functools.partial(_combine_micro_metrics, loss_weight_m=weight_m, pg_weight_m=pg_weight_m,
-                              token_weight_m=tokens_m)
+                              kept_m=kept_m, completion_m=completion_m, token_weight_m=weighted_m)
   return grads, combine(metrics_m), _join_update_kwargs(kwargs_m, combine)
 
 
@@ -375,6 +382,7 @@ def _weighted_mean(x_m: jax.Array, w_m: jax.Array) -> jax.Array:
 
 
 def _combine_micro_metrics(metrics_m: dict[str, jax.Array], *, loss_weight_m: jax.Array, pg_weight_m: jax.Array,
+                           kept_m: jax.Array, completion_m: jax.Array,
                            token_weight_m: jax.Array) -> dict[str, jax.Array]:
   """One value per metric from the ``[M]`` values of the micro-batches (rules in ``accumulated_rl_grads``)."""
   out = {}
@@ -388,10 +396,14 @@ def _combine_micro_metrics(metrics_m: dict[str, jax.Array], *, loss_weight_m: ja
       out[key] = _weighted_mean(x_m, pg_weight_m)
     elif key in _SUMMED_METRICS:
       out[key] = jnp.sum(x_m)
-    elif key.endswith("_max"):
+    elif key.endswith("_max") or "_max_" in key:
       out[key] = jnp.max(x_m)
-    elif key.endswith("_min"):
+    elif key.endswith("_min") or "_min_" in key:
       out[key] = jnp.min(x_m)
+    elif key in _KEPT_TOKEN_METRICS:
+      out[key] = _weighted_mean(x_m.astype(jnp.float32), kept_m)
+    elif key in _COMPLETION_TOKEN_METRICS:
+      out[key] = _weighted_mean(x_m.astype(jnp.float32), completion_m)
     else:
       out[key] = _weighted_mean(x_m.astype(jnp.float32), token_weight_m)
   return out

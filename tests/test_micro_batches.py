@@ -76,7 +76,8 @@ def test_micro_batches_give_the_one_pass_update(problem, aggregation):
   whole, w1, w2 = _two_steps(problem, _config(1, aggregation))
   sliced, s1, s2 = _two_steps(problem, _config(4, aggregation))
   _assert_tree_close(sliced, whole)
-  for key in ("loss", "pg_loss", "grad_norm"):
+  for key in ("loss", "pg_loss", "grad_norm", "entropy", "sampler_learner_kl", "sampler_learner_max_abs_diff",
+              "ratio_min", "ratio_max"):
     np.testing.assert_allclose(float(s1[key]), float(w1[key]), rtol=2e-5, err_msg=key)
     np.testing.assert_allclose(float(s2[key]), float(w2[key]), rtol=2e-5, err_msg=key)
   assert float(s2["kept_tokens"]) == float(w2["kept_tokens"])
