@@ -72,7 +72,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt", type=int, default=32)
   parser.add_argument("--completion", type=int, default=32)
-  parser.add_argument("--remat", default="none", help="ModelConfig.remat policy of the scanned layer body")
+  parser.add_argument("--remat", default=ModelConfig.remat,
+                      help="ModelConfig.remat policy of the scanned layer body (default: the model's default)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--size", default="tiny", help="accepted for benchmarks.run_all; ignored")
   args = parser.parse_args(argv)
