@@ -28,6 +28,7 @@ from capo_jax import advantages as adv_lib
 from capo_jax import curvature
 from capo_jax import losses
 from capo_jax.models import ModelConfig
+from capo_jax.models.config import REMAT_POLICIES
 
 # Bump when a default changes meaning: runs fingerprinted under another version are not resumed.
 CONFIG_VERSION = 2
@@ -117,6 +118,9 @@ class PolicyConfig:
   # cache, float32 weights and Adam moments; logits, log-softmax and curvature statistics are float32 in every case.
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # What the backward pass keeps of each decoder layer (ModelConfig.remat): the default keeps the weight matmuls'
+  # outputs; "full" keeps only each layer's input (least memory, one more forward), "none" keeps everything.
+  remat: str = "dots_with_no_batch_dims_saveable"
 
   def __post_init__(self):
     if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
@@ -133,13 +137,14 @@ class PolicyConfig:
     check_number("PolicyConfig", "rope_theta", self.rope_theta, positive=True)
     for name in ("dtype", "param_dtype"):
       check_choice("PolicyConfig", name, getattr(self, name), DTYPES)
+    check_choice("PolicyConfig", "remat", self.remat, REMAT_POLICIES)
 
   def architecture(self, vocab_size: int) -> ModelConfig:
     """The ``ModelConfig`` of a fresh model with this shape over ``vocab_size`` tokens."""
     return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                        num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                        tie_word_embeddings=self.tie_word_embeddings, rope_theta=self.rope_theta,
-                       attention_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+                       attention_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
 
 
 @gin.configurable

@@ -242,7 +242,8 @@ def load_policy(cfg: TrainConfig, cache_dir: str, log: Callable[[str], None], me
         with open(os.path.join(folder, "config.json")) as f:
           shardings = sharding.load_shardings(ModelConfig.from_hf_dict(json.load(f)), mesh)
       tokenizer = load_tokenizer(folder)
-      model = load_hf(folder, dtype=cfg.policy.dtype, param_dtype=cfg.policy.param_dtype, shardings=shardings)
+      model = load_hf(folder, dtype=cfg.policy.dtype, param_dtype=cfg.policy.param_dtype, remat=cfg.policy.remat,
+                      shardings=shardings)
       check_tokenizer_fits(tokenizer, model)
     else:
       tokenizer = _own_tokenizer(cfg)

@@ -87,6 +87,7 @@ def test_trust_region_preset():
     ("OptimizerConfig.num_minibatches = 3", "num_minibatches=3 must divide"),
     ("OptimizerConfig.micro_batches = 3", "micro_batches=3 must divide the 512 rows"),
     ("PolicyConfig.dtype = 'bf16'", "PolicyConfig.dtype must be one of ['float32', 'bfloat16', 'float16']"),
+    ("PolicyConfig.remat = 'some'", "PolicyConfig.remat must be one of ['none', 'full', 'dots_saveable'"),
 ])
 def test_bad_fields_give_one_clear_message(binding, message):
   with pytest.raises(run.UsageError, match="bad config: ") as e:
@@ -119,16 +120,16 @@ def test_the_other_algorithm_configs_train_one_step(tmp_path, algorithm):
   assert (train_rows[0]["rejected_token_fraction"] > 0.0) <= algorithm.endswith("capo")
 
 
-def test_precision_enters_the_warm_start_key_only_when_not_float32():
-  """Warm starts cached before PolicyConfig had dtype / param_dtype keep their keys (float32 is what they were);
-  another precision trains, and caches, its own."""
+def test_precision_and_remat_enter_the_warm_start_key_only_when_not_default():
+  """Warm starts cached before PolicyConfig had dtype / param_dtype / remat keep their keys (the defaults are what
+  they were built with); another precision or remat policy trains, and caches, its own."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from capo_jax.tasks.warm_start import warm_start_key  # pylint: disable=import-outside-toplevel
   key = lambda policy: warm_start_key(ArithTask(), policy, cfg_lib.WarmStartConfig(), cfg_lib.RolloutConfig(), 0, 100)
   without = dataclasses.make_dataclass("PolicyConfig", [
       (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(cfg_lib.PolicyConfig)
-      if f.name not in ("dtype", "param_dtype")])
+      if f.name not in ("dtype", "param_dtype", "remat")])
   assert key(cfg_lib.PolicyConfig()) == key(without())
   keys = {key(cfg_lib.PolicyConfig()), key(cfg_lib.PolicyConfig(dtype="bfloat16")),
-          key(cfg_lib.PolicyConfig(param_dtype="bfloat16"))}
-  assert len(keys) == 3
+          key(cfg_lib.PolicyConfig(param_dtype="bfloat16")), key(cfg_lib.PolicyConfig(remat="full"))}
+  assert len(keys) == 4

@@ -125,7 +125,7 @@ def test_every_paper_config_binds_the_aggressive_regime_and_builds_its_run(name,
   tokenizer, model = trainer.load_policy(cfg, str(tmp_path / "cache"), lambda _: None)
   assert isinstance(model, CausalLM) and model.config.num_layers == 2 and model.config.hidden_size == 32
   # Mixed precision (PolicyConfig.dtype / param_dtype): bf16 hidden states over float32 weights, float32 logits.
-  assert (model.config.dtype, model.config.param_dtype) == ("bfloat16", "float32")
+  assert (model.config.dtype, model.config.param_dtype, model.config.remat) == ("bfloat16", "float32", "full")
   assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype("float32")}
   out = model(jnp.ones((1, 3), jnp.int32))
   assert (out.hidden.dtype, out.logits.dtype) == (jnp.bfloat16, jnp.float32)

@@ -47,7 +47,8 @@ class ModelConfig:
       (keep matmul outputs), "dots_with_no_batch_dims_saveable" (keep the weight matmuls, recompute attention). Values
       and gradients are the same for every policy up to float rounding; memory and recompute differ. True/False mean
       "full"/"none". The default keeps the weight matmuls' outputs: on CPU it is also the fastest (less memory
-      traffic than keeping every intermediate; docs/PERFORMANCE.md, "Notes: predictions and outcomes").
+      traffic than keeping every intermediate; docs/PERFORMANCE.md, "Notes: predictions and outcomes"); "full" holds
+      the least memory for long sequences and wide models (the paper configs use it).
     model_type: "qwen2" or "llama"; decides the HF names and `architectures` written by `save_hf`.
     initializer_range: std of the normal init of random weights.
     max_position_embeddings: the context length the checkpoint was trained for (metadata; RoPE does not need it).

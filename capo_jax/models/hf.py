@@ -137,13 +137,15 @@ def _read_param(tensor_slices: list, stacked: bool, transposed: bool, shape: tup
   return np.stack([_read(tensor_slices[i], transposed, inner, dtype) for i in layers])
 
 
-def load_hf(path, *, dtype=None, param_dtype=None, shardings: ShardingSpec = None) -> CausalLM:
+def load_hf(path, *, dtype=None, param_dtype=None, remat: str | None = None,
+            shardings: ShardingSpec = None) -> CausalLM:
   """Loads a Qwen2/Llama-family HF checkpoint folder into a `CausalLM`.
 
   Args:
     path: folder with config.json and model.safetensors, or model.safetensors.index.json with its shards.
     dtype: compute dtype ("float32" | "bfloat16" | "float16"); default "float32".
     param_dtype: parameter storage dtype; default = dtype. Checkpoint tensors are cast to it.
+    remat: `ModelConfig.remat` of the loaded model (None: the default).
     shardings: where to place parameters. None: default device; one `jax.sharding.Sharding` for all; or a callable
       `path -> Sharding | None` on NNX paths such as ('layers', 'self_attn', 'q_proj', 'kernel'); a block parameter
       is stacked, [L, in, out] here, so its sharding covers the layer axis first. With a sharding, each device's
@@ -165,7 +167,8 @@ def load_hf(path, *, dtype=None, param_dtype=None, shardings: ShardingSpec = Non
     raise ValueError(f"load_hf: {folder} has no config.json; expected an HF checkpoint folder.")
   dtype = "float32" if dtype is None else jnp.dtype(dtype).name
   param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype).name
-  cfg = ModelConfig.from_hf_dict(json.loads(config_file.read_text()), dtype=dtype, param_dtype=param_dtype)
+  overrides = {} if remat is None else {"remat": remat}
+  cfg = ModelConfig.from_hf_dict(json.loads(config_file.read_text()), dtype=dtype, param_dtype=param_dtype, **overrides)
   graphdef, abstract_state = _abstract_model(cfg)
   flat = list(nnx.to_flat_state(abstract_state))
   files = _tensor_files(folder)

@@ -33,9 +33,11 @@ WARM_START_OFFSET = 10**9
 def warm_start_key(task: Any, policy: PolicyConfig, warm: WarmStartConfig, rollout: RolloutConfig, seed: int,
                    vocab_size: int) -> str:
   """The cache key: a hash of everything the warm-started weights depend on."""
-  # The precision fields enter only when not float32, so that float32 keys stay those of before they existed.
-  policy_fields = {k: v for k, v in dataclasses.asdict(policy).items()
-                   if k not in ("dtype", "param_dtype") or v != "float32"}
+  # The precision and remat fields enter only when not at their defaults, so that the keys of warm starts cached
+  # before those fields existed stay valid.
+  defaults = {f.name: f.default for f in dataclasses.fields(PolicyConfig)
+              if f.name in ("dtype", "param_dtype", "remat")}
+  policy_fields = {k: v for k, v in dataclasses.asdict(policy).items() if k not in defaults or v != defaults[k]}
   fields = {"task": repr(task), "policy": policy_fields, "warm_start": dataclasses.asdict(warm),
             "max_prompt_length": rollout.max_prompt_length, "max_new_tokens": rollout.max_new_tokens,
             "seed": seed, "vocab_size": vocab_size}
@@ -55,7 +57,7 @@ def warm_start(task: Any, tokenizer, policy: PolicyConfig, warm: WarmStartConfig
   path = os.path.join(cache_dir, f"warmstart-{warm_start_key(task, policy, warm, rollout, seed, len(tokenizer))}")
   if os.path.exists(os.path.join(path, "model.safetensors")):
     log(f"warm start: cached {path}")
-    return load_hf(path, dtype=policy.dtype, param_dtype=policy.param_dtype), path
+    return load_hf(path, dtype=policy.dtype, param_dtype=policy.param_dtype, remat=policy.remat), path
   log(f"warm start: {warm.steps} supervised steps → {path}")
   model = CausalLM(policy.architecture(len(tokenizer)), rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
