@@ -28,7 +28,7 @@ from capo_jax import advantages as adv_lib
 from capo_jax import curvature
 from capo_jax import losses
 from capo_jax.models import ModelConfig
-from capo_jax.models.config import REMAT_POLICIES
+from capo_jax.models.config import DTYPES, REMAT_POLICIES
 
 # Bump when a default changes meaning: runs fingerprinted under another version are not resumed.
 CONFIG_VERSION = 2
@@ -38,7 +38,6 @@ STEP_CONTROLS = ("none", "trust_region", "kl_target")
 SURROGATES = ("clip", "gspo", "cispo")
 LR_SCHEDULES = ("constant", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -120,7 +119,7 @@ class PolicyConfig:
   param_dtype: str = "float32"
   # What the backward pass keeps of each decoder layer (ModelConfig.remat): the default keeps the weight matmuls'
   # outputs; "full" keeps only each layer's input (least memory, one more forward), "none" keeps everything.
-  remat: str = "dots_with_no_batch_dims_saveable"
+  remat: str = ModelConfig.remat
 
   def __post_init__(self):
     if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 # Names of the `jax.checkpoint` policies `ModelConfig.remat` accepts (mapped in capo_jax.models.decoder).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 _HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -95,8 +95,8 @@ class ModelConfig:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}.")
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"ModelConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}.")
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"ModelConfig.model_type {self.model_type!r} is not supported; "
                        f"supported: {SUPPORTED_MODEL_TYPES}.")

@@ -54,11 +54,11 @@ from flax import nnx
 
 from capo_jax import sharding as sharding_lib
 from capo_jax.models import KVCache
+from capo_jax.models.config import DTYPES as _CACHE_DTYPES
 from capo_jax.sampling.logits_processing import sample_tokens, token_logprobs_at_temperature
 
 # Stop-id sets are padded to a multiple of this with -1 (never a token), so sets of 1..8 ids share one compile.
 _STOP_IDS_BUCKET = 8
-_CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SamplingParams(NamedTuple):
