@@ -12,8 +12,9 @@ so that only those candidates matter:
   ≈ k finite entries left (the k largest are all ≥ lo, so the result is unchanged);
 * ``top_k_set`` (the same (value, id) pairs as a set): the candidates x ≥ lo are compacted into ``capacity`` columns
   by a bit-packed select (``_compact``: 32 flags per word, running popcounts, a 5-step binary search inside the
-  word), each candidate's exact rank among its row's candidates is counted (ties by lower id, in XLA's float order
-  −0.0 < 0.0, NaN above +∞) and the k of rank < k are compacted again — elementwise passes only, no sort, no scatter;
+  word), the k-th largest candidate is found by bisection on order-preserving integer keys (XLA's float order
+  −0.0 < 0.0, NaN above +∞; ties by lower id) and the k taken are compacted again — elementwise passes only, no sort,
+  no scatter;
 * fallback — if a needed row still has more than ``capacity`` candidates (heavy ties) or holds a NaN, the whole call
   takes the exact ``top_k`` (``lax.cond``), so the result always equals ``lax.top_k``'s.
 
@@ -173,23 +174,54 @@ def _compact(mask_nm: Array, slots: int) -> tuple[Array, Array]:
   return jnp.minimum(word * 32 + pos.astype(jnp.int32), m - 1), slot < ends[:, -1:]
 
 
+def _threshold_key(key_nc: Array, real_nc: Array, k: int) -> tuple[Array, Array]:
+  """Per row the k-th largest of the real ``key_nc`` (uint32, order-preserving) and #{key ≥ it}.
+
+  Bisection on the key: the largest T with #{key ≥ T} ≥ k. A row stops early once #{key ≥ lo} = k (the k entries
+  ≥ lo are then the answer whatever T is inside [lo, hi]), so the ``while_loop`` runs about log2(range / gap) passes
+  over [N, C] (C = the candidates' columns), at most 32.
+  """
+  lo = jnp.min(jnp.where(real_nc, key_nc, jnp.uint32(0xFFFFFFFF)), axis=-1)
+  hi = jnp.max(jnp.where(real_nc, key_nc, jnp.uint32(0)), axis=-1)
+  count_lo = jnp.sum(real_nc.astype(jnp.int32), axis=-1)
+
+  def open_rows(c):
+    lo, hi, count_lo = c
+    return jnp.any((lo < hi) & (count_lo != k))
+
+  def halve(c):
+    lo, hi, count_lo = c
+    mid = lo + (hi - lo + 1) // 2  # in (lo, hi]; no overflow in uint32
+    count_mid = jnp.sum((key_nc >= mid[:, None]).astype(jnp.int32), axis=-1)
+    enough = count_mid >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1), jnp.where(enough, count_mid, count_lo)
+
+  lo, _, count_lo = jax.lax.while_loop(open_rows, halve, (lo, hi, count_lo))
+  return lo, count_lo
+
+
 def _select_top_k(z_nv: Array, lo_n: Array, rows_n: Array, k: int, capacity: int) -> tuple[Array, Array]:
   """Steps 2–4 of ``top_k_set``: the k largest of each needed row's candidates z ≥ lo (at most ``capacity`` of them,
   at least k, no NaN), in id order; ids 0…k−1 and values 0 on rows not needed."""
   # 2. Compact the candidates (id order).
   cand_ids, cand_real = _compact((z_nv >= lo_n[:, None]) & rows_n[:, None], capacity)
   cand_z = jnp.take_along_axis(z_nv, cand_ids, axis=-1)
-  key = _order_keys(cand_z)
-  # 3. Rank among the row's candidates: #{q : key_q > key_p, or key_q = key_p and q before p (lower id)}. One
-  #    elementwise pass per q: XLA:CPU runs these fused passes far faster than one broadcast [N, C, C] compare.
-  rank = jnp.zeros(key.shape, jnp.int32)
-  slot = jnp.arange(capacity)[None, :]
-  for q in range(capacity):
-    k_q = key[:, q:q + 1]
-    ahead = (k_q > key) | ((k_q == key) & (q < slot))
-    rank = rank + (ahead & cand_real[:, q:q + 1]).astype(jnp.int32)
-  # 4. Keep rank < k, compact again.
-  pick, real = _compact(cand_real & (rank < k), k)
+  # 3. The k-th largest candidate key T per row (unsigned keys in XLA:CPU TopK's order: −0.0 < 0.0), then every
+  #    candidate above T and, of those equal to T, the lowest ids (candidates are in id order, so the first ones).
+  key = jax.lax.bitcast_convert_type(_order_keys(cand_z), jnp.uint32) ^ jnp.uint32(0x80000000)
+  key = jnp.where(cand_real, key, jnp.uint32(0))
+  t, count_t = _threshold_key(key, cand_real, k)
+  at_least = cand_real & (key >= t[:, None])
+
+  def split_ties(at_least):  # some row has more than k keys ≥ T: ties at T beyond the k-th, keep the lowest ids
+    above = cand_real & (key > t[:, None])
+    need = k - jnp.sum(above.astype(jnp.int32), axis=-1)
+    tie = at_least & ~above
+    return above | (tie & (jnp.cumsum(tie.astype(jnp.int32), axis=-1) <= need[:, None]))
+
+  take = jax.lax.cond(jnp.any(rows_n & (count_t > k)), split_ties, lambda a: a, at_least)
+  # 4. Compact the k taken candidates.
+  pick, real = _compact(take, k)
   ids = jnp.where(real, jnp.take_along_axis(cand_ids, pick, axis=-1), jnp.arange(k, dtype=jnp.int32)[None, :])
   values = jnp.where(real, jnp.take_along_axis(cand_z, pick, axis=-1), jnp.zeros((), z_nv.dtype))
   return values, ids
@@ -208,9 +240,10 @@ def top_k_set(x: Array, k: int, *, where: Array | None = None, enabled: bool | N
        row still has more than ``capacity`` candidates x ≥ lo — bisection steps on [lo, row max] over the whole rows
        that keep #{x ≥ lo} ≥ k (a ``while_loop``, ≤ ``max_bisection_steps``);
     2. the candidates' ids, compacted to ``capacity`` columns in id order (``_compact``, bit-packed select);
-    3. each candidate's exact rank among its row's candidates, ties by lower id, in XLA:CPU TopK's float order
-       (−0.0 < 0.0): capacity elementwise passes over [N, capacity];
-    4. the k candidates of rank < k, compacted again.
+    3. the k-th largest candidate T per row, by bisection on order-preserving uint32 keys in XLA:CPU TopK's float
+       order (−0.0 < 0.0) — a ``while_loop`` of passes over [N, capacity] that stops once every row has exactly k
+       keys ≥ its lower end (``_threshold_key``); the candidates > T and, of those equal to T, the lowest ids;
+    4. those k candidates, compacted again.
 
   If any needed row still has more than ``capacity`` candidates (heavy ties) or holds a NaN, the whole call takes
   the exact ``top_k`` instead (``lax.cond``; under ``vmap`` both branches run). ``where``: as in ``top_k`` — rows
