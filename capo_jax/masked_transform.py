@@ -55,6 +55,7 @@ import optax
 import optax.tree_utils as otu
 
 from capo_jax import curvature as cv
+from capo_jax import sharding
 from capo_jax import validation
 
 Array = jax.Array
@@ -98,18 +99,6 @@ class CapoAux(NamedTuple):
   advantages_b: Array
 
 
-def _path_names(path) -> tuple[str, ...]:
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-    else:
-      names.append(str(key))
-  return tuple(names)
-
-
 def _default_predicate(names: tuple[str, ...], leaf: Any) -> bool:
   del leaf
   return "lm_head" in names
@@ -126,7 +115,7 @@ def find_unembedding(tree: Any, predicate: UnembeddingPredicate | None = None) -
   ``predicate(path_names, leaf) -> bool`` selects it among the rank-2 leaves. Default: a path containing 'lm_head',
   else (tied embeddings) one containing 'embed'/'embedding'/'embed_tokens'. Exactly one leaf must match.
   """
-  leaves = [(_path_names(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  leaves = [(sharding.key_names(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
             if getattr(x, "ndim", None) == 2]
   predicates = [predicate] if predicate is not None else [_default_predicate, _tied_predicate]
   for pred in predicates:

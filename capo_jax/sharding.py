@@ -158,8 +158,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Partition rules.
 
 
-def path_names(path) -> str:
-  """A pytree key path as "a/b/c" (dict keys, attribute and field names, sequence indices; nnx's ``value`` dropped)."""
+def key_names(path) -> tuple[str, ...]:
+  """The names along a pytree key path: dict keys, attribute and field names, sequence indices."""
   names = []
   for key in path:
     for attr in ("key", "name", "idx"):
@@ -168,9 +168,13 @@ def path_names(path) -> str:
         break
     else:
       names.append(str(key))
-  if names and names[-1] == "value":
-    names.pop()
-  return "/".join(names)
+  return tuple(names)
+
+
+def path_names(path) -> str:
+  """A pytree key path as "a/b/c" (``key_names`` joined; nnx's trailing ``value`` dropped)."""
+  names = key_names(path)
+  return "/".join(names[:-1] if names and names[-1] == "value" else names)
 
 
 def logical_axes(path: str) -> tuple[str | None, ...] | None:
