@@ -7,8 +7,9 @@
 
 Every method is one jitted function ``(params, opt_state, batch) -> (params, opt_state, stat)`` that does the whole
 learner step (forward, backward, curvature statistics, optax Adam update). Each is compiled and warmed up, then
-timed in ``--repeats`` interleaved rounds of ``--steps`` chained calls with ``block_until_ready``; the median
-ms/step is printed with the median of its per-round ratios to GRPO. The last line is ``capo_over_grpo=<ratio>`` (CAPO = the released last-layer model through
+timed in ``--repeats`` rounds of ``--steps`` chained calls per method, the methods alternating call by call (each
+synchronised with ``block_until_ready``); the median ms/step is printed with the median of its per-round ratios to
+GRPO and their range. The last line is ``capo_over_grpo=<ratio>`` (CAPO = the released last-layer model through
 ``capo_jax.masked_transform``).
 
 Methods:
@@ -304,6 +305,23 @@ def time_steps(fn, opt_state, params, batch, steps: int) -> tuple[float, float]:
   return (time.perf_counter() - start) / steps * 1e3, float(stat)
 
 
+def time_round(compiled: dict, params, batch, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+  """One round: ``steps`` chained calls of every method, the methods alternating call by call (each call
+  synchronised with ``block_until_ready``), so that a change in the machine's load within the round hits every
+  method alike. Returns ms per step of each method and its last statistic."""
+  state = {name: (params, opt_state) for name, (_, opt_state) in compiled.items()}
+  total = {name: 0.0 for name in compiled}
+  stat = {}
+  for _ in range(steps):
+    for name, (fn, _) in compiled.items():
+      p, s = state[name]
+      start = time.perf_counter()
+      p, s, out = jax.block_until_ready(fn(p, s, batch))
+      total[name] += time.perf_counter() - start
+      state[name], stat[name] = (p, s), out
+  return {name: t / steps * 1e3 for name, t in total.items()}, {name: float(v) for name, v in stat.items()}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -328,18 +346,20 @@ def main(argv=None):
   print(f"device={jax.devices()[0].device_kind} size={args.size} params={n_params / 1e6:.2f}M "
         f"batch={args.micro_batches}x{b}x{t} dtype={cfg.dtype} repeats={repeats} steps={steps}", flush=True)
   compiled = {name: compile_method(step, init, params, batch) for name, (step, init, _) in methods.items()}
-  # Rounds interleave the methods, so a load spike on a shared machine hits every method of that round alike;
-  # each method's ratio to GRPO is the median of its per-round ratios.
+  # Each method's ratio to GRPO is the median of its per-round ratios (the rounds alternate the methods call by
+  # call: ``time_round``); the range of the per-round ratios is printed beside it.
   ms = {name: [] for name in methods}
-  stat = {}
   for _ in range(repeats):
-    for name, (fn, opt_state) in compiled.items():
-      elapsed, stat[name] = time_steps(fn, opt_state, params, batch, steps)
-      ms[name].append(elapsed)
-  ratio = {name: statistics.median(np.array(ms[name]) / np.array(ms["grpo"])) for name in methods}
+    elapsed, stat = time_round(compiled, params, batch, steps)
+    for name in methods:
+      ms[name].append(elapsed[name])
+  rounds = {name: np.array(ms[name]) / np.array(ms["grpo"]) for name in methods}
+  ratio = {name: statistics.median(r) for name, r in rounds.items()}
   for name, (_, _, stat_name) in methods.items():
     note = "" if stat_name == "-" else f"  ({stat_name}={stat[name]:.3g})"
-    print(f"{name:18s} {statistics.median(ms[name]):9.2f} ms/step  {ratio[name]:5.2f}x grpo{note}", flush=True)
+    spread = f" [{rounds[name].min():.2f}–{rounds[name].max():.2f}]" if name != "grpo" else " " * 12
+    print(f"{name:18s} {statistics.median(ms[name]):9.2f} ms/step  {ratio[name]:5.2f}x grpo{spread}{note}",
+          flush=True)
   if "capo-last-layer" not in ratio:
     print("capo-last-layer: capo_jax.masked_transform not available yet")
     print("capo_over_grpo=nan")
