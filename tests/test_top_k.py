@@ -102,7 +102,7 @@ def test_top_k_set_is_lax_top_k_as_a_set(kind, capacity):
 @pytest.mark.parametrize("kind", ["normal", "peaked", "ties", "signed_zeros"])
 def test_top_k_selection_path_itself(kind):
   """The selection branch on its own (the cond in top_k_set hides which branch ran): candidates z ≥ lo for a lo at
-  or below the k-th value, ranked with ties by lower id in XLA's float order, give lax.top_k's set."""
+  or below the k-th value, selected with ties by lower id in XLA's float order, give lax.top_k's set."""
   k, n = 50, 64
   x = _top_k_inputs(kind, k=k)
   kth = np.sort(np.asarray(x), axis=-1)[:, -k]
