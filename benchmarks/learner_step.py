@@ -52,7 +52,7 @@ SIZES = {
     "tiny": dict(
         config=dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                     num_kv_heads=2, dtype="float32", param_dtype="float32"),
-        batch=128, time=64, prompt=32, repeats=5, steps=3, subsets=4,
+        batch=128, time=64, prompt=32, group=8, repeats=5, steps=3, subsets=4,
     ),
     # A smaller CPU smoke size (vocabulary 256, width 64): here CAPO's per-token K×H work is a large share of a
     # step that is itself almost free, so the ratio overstates the overhead.
@@ -66,7 +66,7 @@ SIZES = {
     "peers": dict(
         config=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                     num_kv_heads=2, tie_word_embeddings=True, dtype="float32", param_dtype="float32"),
-        batch=128, time=64, prompt=32, repeats=7, steps=3, subsets=4,
+        batch=128, time=64, prompt=32, group=8, repeats=7, steps=3, subsets=4,
     ),
     # Qwen2-0.5B shapes (random init), bf16 compute and storage.
     "qwen2-0.5b": dict(
@@ -87,7 +87,8 @@ MAX_KL = 1e-3
 
 def make_problem(size: str, micro_batches: int, seed: int = 0):
   """Model and batch. Every row is a ``prompt``-token prompt then ``time − prompt`` completion columns, as the
-  trainer's rows (``capo_jax.learner``): the learner scores the completion columns only."""
+  trainer's rows (``capo_jax.learner``): the learner scores the completion columns only. With ``group`` in the size
+  (G samples per prompt) consecutive rows share their prompt in groups of G, as the rollout's do."""
   spec = SIZES[size]
   cfg = ModelConfig(**spec["config"])
   model = CausalLM(cfg, rngs=nnx.Rngs(seed))
@@ -95,6 +96,8 @@ def make_problem(size: str, micro_batches: int, seed: int = 0):
   b, t, prompt = spec["batch"], spec["time"], spec["prompt"]
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.vocab_size, (micro_batches, b, t), dtype=np.int32)
+  group = spec.get("group", 1)
+  tokens[..., :prompt] = np.repeat(tokens[:, ::group, :prompt], group, axis=1)
   # Completions of varying length (EOS, then padding that the mask drops) after a fixed-width prompt.
   lengths = rng.integers((t - prompt) // 2, t - prompt + 1, (micro_batches, b))
   completion = (np.arange(t - prompt)[None, None, :] < lengths[..., None]).astype(np.float32)
@@ -105,17 +108,21 @@ def make_problem(size: str, micro_batches: int, seed: int = 0):
   return cfg, graphdef, params, batch, spec
 
 
-def make_fns(graphdef, prompt: int):
+def make_fns(graphdef, prompt: int, group: int = 1):
   """The pure functions every method shares: logits and hidden states of the completion columns, the GRPO loss.
 
-  As in the trainer (``capo_jax.learner.completion_hidden``), the body runs over the whole row and the unembedding
-  only over the completion columns: hidden state ``prompt − 1 + n`` scores completion token ``n``.
+  As in the trainer (``capo_jax.learner.completion_hidden``), the unembedding runs only over the completion columns
+  (hidden state ``prompt − 1 + n`` scores completion token ``n``), and with ``group`` G > 1 the prompt's columns but
+  its last run once per group of G rows (``CausalLM.shared_prefix_hidden``); G = 1: every row runs whole.
   """
 
   def forward(params, mb):
     model = nnx.merge(graphdef, params)
-    out = model(mb["tokens"][:, :-1], return_logits=False)
-    hidden = out.hidden[:, prompt - 1:]
+    inputs = mb["tokens"][:, :-1]
+    if group > 1:
+      hidden = model.shared_prefix_hidden(inputs, jnp.ones_like(inputs), prefix_length=prompt - 1, group_size=group)
+    else:
+      hidden = model(inputs, return_logits=False).hidden[:, prompt - 1:]
     w = model.unembedding()
     logits = jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return logits, hidden
@@ -161,8 +168,9 @@ def accumulate(fn: Callable[[Any], tuple[Any, Any]], batch, num: int):
 # The methods.
 
 
-def build_methods(graphdef, params, num_micro: int, subsets: int, prompt: int) -> dict[str, Callable]:
-  forward, logits_fn, actions, loss_from_logprobs, loss_from_logits = make_fns(graphdef, prompt)
+def build_methods(graphdef, params, num_micro: int, subsets: int, prompt: int, group: int = 1
+                  ) -> dict[str, Callable]:
+  forward, logits_fn, actions, loss_from_logprobs, loss_from_logits = make_fns(graphdef, prompt, group)
   adam = optax.adam(LEARNING_RATE)
 
   def grad_of(mb, p):
@@ -334,7 +342,7 @@ def main(argv=None):
   cfg, graphdef, params, batch, spec = make_problem(args.size, args.micro_batches)
   repeats = args.repeats or spec["repeats"]
   steps = args.steps or spec["steps"]
-  methods = build_methods(graphdef, params, args.micro_batches, spec["subsets"], spec["prompt"])
+  methods = build_methods(graphdef, params, args.micro_batches, spec["subsets"], spec["prompt"], spec.get("group", 1))
   if args.methods != "all":
     wanted = args.methods.split(",")
     unknown = set(wanted) - set(methods)
@@ -344,7 +352,8 @@ def main(argv=None):
   b, t = batch["tokens"].shape[1:]
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"device={jax.devices()[0].device_kind} size={args.size} params={n_params / 1e6:.2f}M "
-        f"batch={args.micro_batches}x{b}x{t} dtype={cfg.dtype} repeats={repeats} steps={steps}", flush=True)
+        f"batch={args.micro_batches}x{b}x{t} group={spec.get('group', 1)} dtype={cfg.dtype} repeats={repeats} "
+        f"steps={steps}", flush=True)
   compiled = {name: compile_method(step, init, params, batch) for name, (step, init, _) in methods.items()}
   # Each method's ratio to GRPO is the median of its per-round ratios (the rounds alternate the methods call by
   # call: ``time_round``); the range of the per-round ratios is printed beside it.

@@ -183,7 +183,8 @@ def xla_memory(size: str, num_layers: int, mesh_sizes: tuple[int, int, int], wor
   graphdef, params = _abstract_params(cfg)
   train = cfg_lib.TrainConfig(
       task=ArithTask(), curvature=cfg_lib.CurvatureConfig.from_preset("capo"),
-      rollout=cfg_lib.RolloutConfig(prompts_per_step=1, group_size=work.rows, max_new_tokens=work.completion))
+      rollout=cfg_lib.RolloutConfig(prompts_per_step=1, group_size=work.rows, max_new_tokens=work.completion),
+      optimizer=cfg_lib.OptimizerConfig(shared_prompts=False))  # every row whole: the model's worst case
   optimizer, capo = components.build_optimizer(train)
   step = components.make_learner_step(train, graphdef, optimizer, capo)
   opt_state = jax.eval_shape(optimizer.init, params)

@@ -66,21 +66,33 @@ def build_optimizer(cfg: TrainConfig, logits_fn: Callable | None = None
   return optax.chain(*parts, core), capo
 
 
+def prompt_group_size(cfg: TrainConfig) -> int:
+  """Rows per prompt in the learner's batches (the rollout's group size) when ``OptimizerConfig.shared_prompts``,
+  else 1 (every row runs whole)."""
+  return cfg.rollout.group_size if cfg.optimizer.shared_prompts else 1
+
+
 def objective(cfg: TrainConfig) -> learner.Objective:
   return learner.Objective(loss=cfg.loss, completion_length=cfg.rollout.max_new_tokens,
                            temperature=cfg.rollout.temperature, ratio_one=cfg.optimizer.single_pass,
-                           track_kl=cfg.loss.track_kl)
+                           track_kl=cfg.loss.track_kl, prompt_group_size=prompt_group_size(cfg))
 
 
 def capo_token_mask_fn(capo: MaskedTransformation) -> learner.TokenMaskFn:
-  """``MaskedTransformation.token_mask_from_hidden`` as the learner's hook: the logits are formed one time chunk at a
-  time from the hidden states (no [B, N, V] array)."""
+  """CAPO's mask as the learner's hook. In ``make_rl_step`` its top-K policy comes from the loss's own chunked logits
+  pass (``logits_stats_fn`` = ``MaskedTransformation.top_k_policy``, then ``token_mask_from_top_k``); called without
+  it, ``token_mask_from_hidden`` forms the logits one time chunk at a time. Never a [B, N, V] array."""
 
-  def fn(hidden_bnh, w_vh, targets_bn, advantages_b, completion_mask_bn, opt_state):
-    mask_bn, aux = capo.token_mask_from_hidden(opt_state, hidden_bnh, w_vh, targets_bn, advantages_b,
-                                               completion_mask_bn)
+  def fn(hidden_bnh, w_vh, targets_bn, advantages_b, completion_mask_bn, opt_state, logits_stats=None):
+    if logits_stats is None:
+      mask_bn, aux = capo.token_mask_from_hidden(opt_state, hidden_bnh, w_vh, targets_bn, advantages_b,
+                                                 completion_mask_bn)
+    else:
+      mask_bn, aux = capo.token_mask_from_top_k(opt_state, hidden_bnh, logits_stats, w_vh.shape[0], advantages_b,
+                                                completion_mask_bn)
     return mask_bn, {"capo_aux": aux}, dict(aux.metrics)
 
+  fn.logits_stats_fn = capo.top_k_policy
   return fn
 
 

@@ -205,6 +205,9 @@ class OptimizerConfig:
   # Gradient accumulation: each optimizer step's rows in this many slices, one at a time (the same update; the
   # activations of rows / micro_batches rows alive at once). Must divide the rows of a minibatch.
   micro_batches: int = 1
+  # The learner runs each prompt's columns once per group of its group_size completions instead of once per row
+  # (the same values; fewer tokens through the model: CausalLM.shared_prefix_hidden). False: every row runs whole.
+  shared_prompts: bool = True
 
   def __post_init__(self):
     check_number("OptimizerConfig", "learning_rate", self.learning_rate, positive=True, maximum=1.0)
@@ -222,6 +225,7 @@ class OptimizerConfig:
     check_int("OptimizerConfig", "num_iterations", self.num_iterations)
     check_int("OptimizerConfig", "num_minibatches", self.num_minibatches)
     check_int("OptimizerConfig", "micro_batches", self.micro_batches)
+    check_bool("OptimizerConfig", "shared_prompts", self.shared_prompts)
 
   @property
   def single_pass(self) -> bool:

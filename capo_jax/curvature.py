@@ -466,6 +466,27 @@ def curvature_statistics_from_hidden(
                             chunk_size=chunk_size)
 
 
+def curvature_statistics_from_top_k(
+    hidden_bth: Array,
+    top: TopKPolicy,
+    vocab_size: int,
+    advantages_b: Array,
+    completion_mask_bt: Array,
+    *,
+    learning_rate: Array | float,
+    direction: DirectionModel = SGDDirection(),
+    granularity: Granularity = "token",
+    chunk_size: int = 256,
+) -> CurvatureStatistics:
+  """``curvature_statistics`` from a top-K policy already formed by the caller (e.g. by ``top_k_policy`` inside the
+  loss's own chunked logits pass, so the logits are computed once per step): the same statistics."""
+  _check_statistics_inputs(hidden_bth, top.ids_btk[..., 0], advantages_b, completion_mask_bt, granularity)
+  chex.assert_equal_shape([top.ids_btk, top.probs_btk, top.onehot_btk])
+  return _statistics_of_top(hidden_bth, top, vocab_size, advantages_b, completion_mask_bt,
+                            learning_rate=learning_rate, direction=direction, granularity=granularity,
+                            chunk_size=chunk_size)
+
+
 def _statistics_of_top(hidden_bth: Array, top: TopKPolicy, vocab: int, advantages_b: Array,
                        completion_mask_bt: Array, *, learning_rate, direction, granularity,
                        chunk_size) -> CurvatureStatistics:

@@ -75,18 +75,32 @@ class SequenceBatch(NamedTuple):
 
 
 def completion_hidden(graphdef: nnx.GraphDef, params: nnx.State, tokens_bs: jax.Array, attention_mask_bs: jax.Array,
-                      completion_length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Runs the model; returns ``(hidden_bnh, unembedding_vh, targets_bn)`` for the last ``N`` columns."""
+                      completion_length: int, *, prompt_group_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Runs the model; returns ``(hidden_bnh, unembedding_vh, targets_bn)`` for the last ``N`` columns.
+
+  ``prompt_group_size`` G > 1: rows come in groups of G consecutive rows with the same prompt (the rollout's G
+  completions of each prompt); the prompt's columns but its last then run once per group
+  (``CausalLM.shared_prefix_hidden``: the same values, (B/G)·(P−1) + B·N tokens through the model instead of
+  B·(P+N−1)). A slice of a batch keeps whole runs of gcd(rows, G) rows when it is a contiguous block aligned to its
+  size, which is what is used here. A row whose prompt differs from its group's comes back NaN.
+  """
   model = nnx.merge(graphdef, params)
-  out = model(tokens_bs[:, :-1], attention_mask_bt=attention_mask_bs[:, :-1], return_logits=False)
-  hidden_bnh = out.hidden[:, -completion_length:]
+  rows, columns = tokens_bs.shape
+  group = math.gcd(rows, prompt_group_size)
+  prefix = columns - 1 - completion_length  # the prompt's columns before its last token
+  inputs_bt, mask_bt = tokens_bs[:, :-1], attention_mask_bs[:, :-1]
+  if group > 1 and prefix > 0:
+    hidden_bnh = model.shared_prefix_hidden(inputs_bt, mask_bt, prefix_length=prefix, group_size=group)
+  else:
+    hidden_bnh = model(inputs_bt, attention_mask_bt=mask_bt, return_logits=False).hidden[:, -completion_length:]
   return hidden_bnh, model.unembedding(), tokens_bs[:, -completion_length:]
 
 
 def completion_logprobs(graphdef, params, tokens_bs, attention_mask_bs, completion_length: int, *,
-                        temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                        temperature: float = 1.0, prompt_group_size: int = 1) -> tuple[jax.Array, jax.Array]:
   """``(logprobs_bn, entropy_bn)`` of the completion tokens under the model (float32)."""
-  hidden, w, targets = completion_hidden(graphdef, params, tokens_bs, attention_mask_bs, completion_length)
+  hidden, w, targets = completion_hidden(graphdef, params, tokens_bs, attention_mask_bs, completion_length,
+                                         prompt_group_size=prompt_group_size)
   return token_logprobs_from_hidden(hidden, w, targets, temperature=temperature)
 
 
@@ -118,23 +132,33 @@ class Objective:
     temperature: the sampler's temperature (log-probs are of logits / temperature, as sampled).
     ratio_one: one gradient step per batch: old log-probs = stop_gradient(current), ρ ≡ 1.
     track_kl: report the KL to the reference policy even when ``loss.kl_coef`` = 0.
+    prompt_group_size: G: the batch's rows come in groups of G with the same prompt, whose columns the model then
+      runs once per group (``completion_hidden``); 1: every row runs whole. The same values either way.
   """
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   completion_length: int = 1
   temperature: float = 1.0
   ratio_one: bool = True
   track_kl: bool = True
+  prompt_group_size: int = 1
 
   def __post_init__(self):
     if not isinstance(self.completion_length, int) or self.completion_length < 1:
       raise ValueError(f"completion_length must be a positive int, got {self.completion_length!r}.")
     if not self.temperature > 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
+    if (isinstance(self.prompt_group_size, bool) or not isinstance(self.prompt_group_size, int)
+        or self.prompt_group_size < 1):
+      raise ValueError(f"prompt_group_size must be a positive int, got {self.prompt_group_size!r}.")
 
 
 # token_mask_fn(hidden_bnh, unembedding_vh, targets_bn, advantages_b, completion_mask_bn, opt_state)
 #   -> (token_mask_bn, update_kwargs, log_metrics); inputs are stop-gradient'd. ``update_kwargs`` go to
 #   ``optimizer.update`` as extra args (e.g. CAPO's ``capo_aux``), ``log_metrics`` into the step's metrics.
+# A hook with an attribute ``logits_stats_fn`` — ``(z_bcv, targets_bc, valid_bc) -> pytree`` of per-position
+# statistics of the completion logits (CAPO's top-K policy) — gets them from the loss's own chunked logits pass,
+# as the keyword ``logits_stats`` (``rl_loss``): the step then forms h Wᵀ once, not once for the loss and once for
+# the mask. Called without it (the full-network and subset steps' monitors), the hook forms its own.
 TokenMaskFn = Callable[..., tuple[jax.Array, dict[str, Any], dict[str, jax.Array]]]
 
 
@@ -144,10 +168,11 @@ def loss_completion_mask(batch: SequenceBatch) -> jax.Array:
 
 
 def completion_logits(graphdef: nnx.GraphDef, params: nnx.State, batch: SequenceBatch,
-                      completion_length: int) -> jax.Array:
+                      completion_length: int, *, prompt_group_size: int = 1) -> jax.Array:
   """``[B, N, V]`` float32 logits of the completion positions only (``completion_hidden`` · Wᵀ): position ``n``
   scores completion token ``n``. The ``logits_fn`` of ``capo_jax.curvature_full`` for the RL steps."""
-  hidden, w, _ = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, completion_length)
+  hidden, w, _ = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, completion_length,
+                                   prompt_group_size=prompt_group_size)
   return jnp.einsum("bnh,vh->bnv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
@@ -273,13 +298,21 @@ def rl_loss(params, graphdef, batch: SequenceBatch, opt_state, objective: Object
   """
   sg = jax.lax.stop_gradient
   hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
-                                         objective.completion_length)
-  lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=objective.temperature)
+                                         objective.completion_length, prompt_group_size=objective.prompt_group_size)
+  completion = loss_completion_mask(batch)
+  logits_stats_fn = getattr(token_mask_fn, "logits_stats_fn", None)
+  hook_kwargs = {}
+  if logits_stats_fn is None:
+    lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=objective.temperature)
+  else:
+    lp, ent, hook_kwargs["logits_stats"] = token_logprobs_from_hidden(
+        hidden, w, targets, temperature=objective.temperature, logits_stats_fn=logits_stats_fn,
+        logits_stats_inputs=(completion > 0,))
   token_mask, update_kwargs, mask_metrics = None, {}, {}
   if token_mask_fn is not None:
     token_mask, update_kwargs, mask_metrics = token_mask_fn(
-        sg(hidden), sg(w), targets, sg(batch.advantages_b.astype(jnp.float32)), loss_completion_mask(batch),
-        sg(opt_state))
+        sg(hidden), sg(w), targets, sg(batch.advantages_b.astype(jnp.float32)), completion, sg(opt_state),
+        **hook_kwargs)
   if token_mask_bn is not None:
     token_mask = token_mask_bn if token_mask is None else token_mask * token_mask_bn
   loss, metrics = rl_objective(lp, ent, batch, objective, token_mask)
@@ -354,6 +387,10 @@ def accumulated_rl_grads(params, graphdef, batch: SequenceBatch, opt_state, obje
   if batch.tokens_bs.shape[0] % micro_batches:
     raise ValueError(f"micro_batches={micro_batches} must divide the batch's {batch.tokens_bs.shape[0]} rows.")
   token_mean = objective.loss.aggregation == "token-mean"
+  # Micro-batch m holds rows m, m + M, …: a run of G rows with one prompt leaves G / M of them in each slice when M
+  # divides G (runs of gcd(B, G) in this batch), and no aligned runs otherwise.
+  run = math.gcd(batch.tokens_bs.shape[0], objective.prompt_group_size)
+  objective = dataclasses.replace(objective, prompt_group_size=run // micro_batches if run % micro_batches == 0 else 1)
 
   def one(acc, micro: SequenceBatch):
     (_, (metrics, update_kwargs)), grads = jax.value_and_grad(rl_loss, has_aux=True)(
@@ -451,7 +488,8 @@ def _policy_forward(graphdef: nnx.GraphDef, objective: Objective):
 
   def forward(params, batch: SequenceBatch):
     hidden, w, targets = completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs,
-                                           objective.completion_length)
+                                           objective.completion_length,
+                                           prompt_group_size=objective.prompt_group_size)
     lp, ent = token_logprobs_from_hidden(hidden, w, targets, temperature=objective.temperature)
     out = (lp, ent) if with_entropy else lp
     return out, (sg(ent), sg(hidden), sg(w), targets)
@@ -542,7 +580,8 @@ def make_fullnet_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTrans
   sg = jax.lax.stop_gradient
 
   def logits_fn(params, batch):
-    return completion_logits(graphdef, params, batch, completion_length)
+    return completion_logits(graphdef, params, batch, completion_length,
+                             prompt_group_size=objective.prompt_group_size)
 
   def grads_fn(params, opt_state, batch: SequenceBatch):
     out, pullback, (ent, hidden, w, targets) = jax.vjp(lambda p: forward(p, batch), params, has_aux=True)
@@ -647,7 +686,8 @@ def make_subset_rl_grads(graphdef: nnx.GraphDef, optimizer: optax.GradientTransf
   completion_length = objective.completion_length
 
   def logits_fn(params, batch):
-    return completion_logits(graphdef, params, batch, completion_length)
+    return completion_logits(graphdef, params, batch, completion_length,
+                             prompt_group_size=objective.prompt_group_size)
 
   def surrogate(logits_bnv, sub: SequenceBatch):
     lp, ent = token_logprobs(logits_bnv, sub.tokens_bs[:, -completion_length:], temperature=objective.temperature)

@@ -13,6 +13,8 @@ float32 chunk ``[B, chunk, V]`` (plus its softmax) is alive at a time, forward a
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,9 @@ def token_logprobs_from_hidden(
     *,
     temperature: float | Array = 1.0,
     chunk_size: int | None = None,
-) -> tuple[Array, Array]:
+    logits_stats_fn: Callable[..., Any] | None = None,
+    logits_stats_inputs: tuple[Array, ...] = (),
+) -> tuple[Array, Array] | tuple[Array, Array, Any]:
   """``token_logprobs`` of the logits ``z = h Wᵀ`` without ever materialising the ``[B, T, V]`` logits.
 
   The unembedding matmul runs per time chunk with float32 accumulation, inside the rematerialised scan, so the
@@ -89,9 +93,15 @@ def token_logprobs_from_hidden(
     tokens_bt: ``[B, T]`` token ids scored at each position.
     temperature: sampling temperature.
     chunk_size: time steps per chunk (default: ≤ 64 MiB per float32 chunk).
+    logits_stats_fn: optional ``(z_bcv, tokens_bc, *inputs_bc) -> pytree of [B, c, …]``, called on each chunk's
+      float32 logits (before the temperature) under ``stop_gradient``: per-position statistics of the same logits
+      (e.g. CAPO's top-K policy) without a second unembedding matmul. Its outputs carry no gradient and are not
+      recomputed in the backward pass.
+    logits_stats_inputs: ``[B, T, …]`` arrays chunked along with the tokens and passed to ``logits_stats_fn``.
 
   Returns:
-    ``(logprobs_bt, entropy_bt)`` float32; gradients flow to both ``hidden_bth`` and ``unembedding_vh``.
+    ``(logprobs_bt, entropy_bt)`` float32, and with ``logits_stats_fn`` its outputs as a third element (leaves
+    ``[B, T, …]``); gradients flow to both ``hidden_bth`` and ``unembedding_vh``.
   """
   chex.assert_rank([hidden_bth, unembedding_vh], [3, 2])
   batch, time, width = hidden_bth.shape
@@ -102,8 +112,11 @@ def token_logprobs_from_hidden(
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
   chunk = chunking.auto_chunk(batch, time, vocab, chunk_size)
 
-  def chunk_fn(h_bch, tok_bc):
+  def chunk_fn(h_bch, tok_bc, *inputs_bc):
     z_bcv = jnp.einsum("bch,vh->bcv", h_bch, unembedding_vh, preferred_element_type=jnp.float32)
-    return _logprob_entropy_of_logits(z_bcv, tok_bc, inv_t)
+    out = _logprob_entropy_of_logits(z_bcv, tok_bc, inv_t)
+    if logits_stats_fn is None:
+      return out
+    return (*out, logits_stats_fn(jax.lax.stop_gradient(z_bcv), tok_bc, *inputs_bc))
 
-  return chunking.map_time_chunks(chunk_fn, (hidden_bth, tokens_bt), chunk, remat=True)
+  return chunking.map_time_chunks(chunk_fn, (hidden_bth, tokens_bt, *logits_stats_inputs), chunk, remat=True)

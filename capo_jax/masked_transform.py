@@ -309,6 +309,19 @@ def _token_mask_from_hidden(settings: _Settings, opt_state: Any, hidden_bth: Arr
   return _mask_and_aux(settings, stats, eta, hidden_bth, advantages_b, completion_mask_bt)
 
 
+def _token_mask_from_top_k(settings: _Settings, opt_state: Any, hidden_bth: Array, top: cv.TopKPolicy, vocab_size: int,
+                           advantages_b: Array, completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+  """``MaskedTransformation.token_mask_from_top_k``."""
+  chex.assert_rank([hidden_bth, advantages_b, completion_mask_bt], [3, 1, 2])
+  state, hidden_bth, eta = _mask_inputs(settings, opt_state, hidden_bth)
+  top = jax.tree.map(jax.lax.stop_gradient, top)
+  stats = cv.curvature_statistics_from_top_k(
+      hidden_bth, top, vocab_size, jax.lax.stop_gradient(advantages_b), completion_mask_bt, learning_rate=eta,
+      direction=_direction(settings, state, vocab_size, hidden_bth.shape[-1]), granularity=settings.granularity,
+      chunk_size=settings.chunk_size)
+  return _mask_and_aux(settings, stats, eta, hidden_bth, advantages_b, completion_mask_bt)
+
+
 def _advance_shadow(settings: _Settings, shadow: ShadowAdamState, inner_state: Any,
                     capo_aux: CapoAux | None) -> ShadowAdamState:
   """The reference's shadow Adam step on the masked batch-mean per-row top-K gradient of the objective."""
@@ -364,6 +377,20 @@ class MaskedTransformation(optax.GradientTransformationExtraArgs):
     ``capo_jax.token_logprobs_from_hidden`` and never hold the full logits either)."""
     return _token_mask_from_hidden(self._settings, opt_state, hidden_bth, unembedding_vh, tokens_bt, advantages_b,
                                    completion_mask_bt)
+
+  def top_k_policy(self, logits_btv: Array, tokens_bt: Array, valid_bt: Array | None = None) -> cv.TopKPolicy:
+    """The mask's top-K policy of these logits (its K and temperature; ``capo_jax.curvature.top_k_policy``): what
+    ``token_mask_from_top_k`` takes, formed by the caller wherever it has the logits (e.g. one chunk at a time inside
+    the loss's own logits pass, so that a step computes h Wᵀ once)."""
+    return cv.top_k_policy(logits_btv, tokens_bt, self._settings.top_k, self._settings.temperature,
+                           valid_bt=valid_bt)
+
+  def token_mask_from_top_k(self, opt_state: Any, hidden_bth: Array, top: cv.TopKPolicy, vocab_size: int,
+                            advantages_b: Array, completion_mask_bt: Array) -> tuple[Array, CapoAux]:
+    """``token_mask`` from a ``top_k_policy`` the caller formed from the logits that sampled ``tokens_bt`` (valid at
+    least where ``completion_mask_bt`` > 0): the same mask and aux as ``token_mask_from_hidden`` on those logits."""
+    return _token_mask_from_top_k(self._settings, opt_state, hidden_bth, top, vocab_size, advantages_b,
+                                  completion_mask_bt)
 
 
 def masked_transform(

@@ -54,14 +54,16 @@ def keep_informative_groups(rewards_b: np.ndarray, group_size: int) -> np.ndarra
 
 
 def filtered_log_mass(graphdef: nnx.GraphDef, params, tokens_bs: jax.Array, attention_mask_bs: jax.Array,
-                      completion_length: int, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+                      completion_length: int, *, temperature: float, top_k: int, top_p: float,
+                      prompt_group_size: int = 1) -> jax.Array:
   """``[B, N]`` float32 log Σ_{v ∈ K_t} π_T(v): the log of the probability mass the sampler's top-k/top-p filter kept
   at each completion position (≤ 0; 0 without a filter), from the model's completion logits.
 
   Equal to LSE(process_logits(z_t)) − LSE(z_t / T) (``capo_jax.sampling.process_logits``: the same shift, filters and
   ties as the sampler), formed a chunk of positions at a time so the ``[B, N, V]`` logits are never stored.
   """
-  hidden_bnh, w_vh, _ = learner.completion_hidden(graphdef, params, tokens_bs, attention_mask_bs, completion_length)
+  hidden_bnh, w_vh, _ = learner.completion_hidden(graphdef, params, tokens_bs, attention_mask_bs, completion_length,
+                                                  prompt_group_size=prompt_group_size)
   rows, n, h = hidden_bnh.shape
   vocab = w_vh.shape[0]
   chunk = max(1, min(n, _LOGITS_CHUNK_FLOATS // max(rows * vocab, 1)))
@@ -85,18 +87,20 @@ class Rollout:
 
   With ``mesh`` the sampler runs on it (the batch's arrays come back split by rows); with several processes each
   decodes and scores its own rows (``capo_jax.sharding.process_rows``) and the rewards are gathered, so that every
-  process computes the same advantages."""
+  process computes the same advantages. ``prompt_group_size`` (the group size, or 1) is handed to the forward passes
+  over the batch (reference log-probs, filtered mass; ``capo_jax.learner.completion_hidden``)."""
 
   def __init__(self, graphdef: nnx.GraphDef, task: Any, tokenizer, rollout: RolloutConfig, loss: LossConfig, *,
-               track_kl: bool = True, mesh: jax.sharding.Mesh | None = None):
+               track_kl: bool = True, mesh: jax.sharding.Mesh | None = None, prompt_group_size: int = 1):
     self.graphdef, self.task, self.tokenizer, self.cfg, self.mesh = graphdef, task, tokenizer, rollout, mesh
     self.with_reference = loss.kl_coef > 0 or track_kl
     n_new, temperature = rollout.max_new_tokens, rollout.temperature
     self._reference_logprobs = jax.jit(lambda ref_params, tokens, mask: learner.completion_logprobs(
-        graphdef, ref_params, tokens, mask, n_new, temperature=temperature)[0])
+        graphdef, ref_params, tokens, mask, n_new, temperature=temperature, prompt_group_size=prompt_group_size)[0])
     self.filtering = rollout.top_k > 0 or rollout.top_p < 1.0
     self._filtered_log_mass = jax.jit(lambda params, tokens, mask: filtered_log_mass(
-        graphdef, params, tokens, mask, n_new, temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p))
+        graphdef, params, tokens, mask, n_new, temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+        prompt_group_size=prompt_group_size))
     estimator, group_size = loss.advantage_estimator, rollout.group_size
     self._advantages = jax.jit(lambda r: adv_lib.compute_advantages(r, group_size, estimator))
 

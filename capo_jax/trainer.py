@@ -426,12 +426,15 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
     ref_params = sharding.on_mesh(ref_params, mesh)
     params = sharding.copy_params(ref_params, mesh)
 
+  group = components.prompt_group_size(cfg)
+
   def logits_fn(params, batch: learner.SequenceBatch):
-    return learner.completion_logits(graphdef, params, batch, cfg.rollout.max_new_tokens)
+    return learner.completion_logits(graphdef, params, batch, cfg.rollout.max_new_tokens, prompt_group_size=group)
 
   optimizer, capo = components.build_optimizer(cfg, logits_fn)
   learner_step = components.make_learner_step(cfg, graphdef, optimizer, capo)
-  rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss, track_kl=cfg.loss.track_kl, mesh=mesh)
+  rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss, track_kl=cfg.loss.track_kl, mesh=mesh,
+                    prompt_group_size=group)
   evaluator = Evaluator(task, tokenizer, cfg.eval, max_prompt_length=cfg.rollout.max_prompt_length,
                         max_new_tokens=cfg.rollout.max_new_tokens, mesh=mesh)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.num_steps)

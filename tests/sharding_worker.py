@@ -65,8 +65,9 @@ def _batch() -> learner.SequenceBatch:
   rng = np.random.default_rng(0)
   b = P_GROUPS * G
   tokens = rng.integers(1, MODEL.vocab_size, (b, PROMPT + N)).astype(np.int32)
+  tokens[:, :PROMPT] = np.repeat(tokens[::G, :PROMPT], G, axis=0)  # G completions of each prompt, as rolled out
   attention = np.ones_like(tokens)
-  attention[:2, :1] = 0  # two left-padded prompts
+  attention[:G, :1] = 0  # one left-padded prompt
   lengths = rng.integers(2, N + 1, b)
   completion = (np.arange(N)[None] < lengths[:, None]).astype(np.float32)
   attention[:, PROMPT:] = completion

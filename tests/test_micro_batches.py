@@ -31,14 +31,17 @@ def _config(micro_batches, aggregation="seq-mean-token-mean", **curvature):
 
 @pytest.fixture(scope="module")
 def problem():
-  """A 2-layer model and a batch with left padding, completions of 1…N tokens and two zero-weight groups — one of
-  them every row of slice 1 when M = 4 (rows ≡ 1 mod 4 are slice 1's; here rows 1, 5, 9, 13 all get weight 0)."""
+  """A 2-layer model and a batch of G completions per prompt with left padding, completions of 1…N tokens and
+  zero-weight rows — every row of slice 1 when M = 4 (rows ≡ 1 mod 4 are slice 1's; here rows 1, 5, 9, 13 all get
+  weight 0)."""
   cfg = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
   graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, cfg.vocab_size, (ROWS, PROMPT + N)).astype(np.int32)
+  tokens[:, :PROMPT] = np.repeat(tokens[::GROUP, :PROMPT], GROUP, axis=0)  # G completions of each prompt
   attention = np.ones_like(tokens)
-  attention[::3, :2] = 0
+  attention[:GROUP, :2] = 0
+  attention[2 * GROUP:3 * GROUP, :1] = 0
   lengths = rng.integers(1, N + 1, ROWS)
   completion = (np.arange(N)[None] < lengths[:, None]).astype(np.float32)
   attention[:, PROMPT:] = completion

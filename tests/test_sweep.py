@@ -90,7 +90,7 @@ workdir, steps, events, fail = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.a
 with open(events, "a") as f:
   f.write(json.dumps({"start": workdir, "t": time.time(), "cpus": sorted(os.sched_getaffinity(0)),
                       "cache": os.environ.get("JAX_COMPILATION_CACHE_DIR")}) + "\n")
-time.sleep(0.3)  # "warm start": no metrics row yet
+time.sleep(1.0)  # "warm start": no metrics row yet (long enough for a run started beside it to start under load)
 os.makedirs(workdir, exist_ok=True)
 with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
   f.write(json.dumps({"step": 0, "completions": 0, "eval_accuracy": 0.5}) + "\n")

@@ -25,6 +25,11 @@ Meshes: under `jax.set_mesh(mesh)` the rows of the embeddings, of every block's 
 hidden states are pinned to the mesh's batch axes (`capo_jax.models.partitioning.constrain_rows`; a no-op without a
 mesh), so that a weight split over `fsdp` is gathered per layer rather than the activations per batch.
 
+Shared prompts (``CausalLM.shared_prefix_hidden``): when groups of G consecutive rows begin with the same P columns
+(G completions of one prompt), those columns run through the blocks once per group and their keys/values, repeated
+G times, precede each row's own in every block — the hidden states of the rows' other columns are unchanged, with
+(B/G)·P + B·(T−P) tokens through the model instead of B·T.
+
 KV cache: a plain pytree (`KVCache`) with k/v of shape [L,B,S,K,D], per-slot validity [B,S] and one scalar write
 index shared by the batch (left padding keeps rows aligned). A call with a cache writes its T new keys/values at
 slots [index, index+T), attends over all S slots with the causal + validity mask, and returns the cache with
@@ -138,6 +143,21 @@ class Attention(nnx.Module):
     self.v_proj = linear(h, k * d, cfg.attention_bias)
     self.o_proj = linear(n * d, h, cfg.attention_out_bias)
 
+  def project(self, x_bth, cos_btf, sin_btf):
+    """(q [B,T,N,D], k [B,T,K,D], v [B,T,K,D]) of x, RoPE applied to q and k."""
+    b, t, _ = x_bth.shape
+    q_btnd = self.q_proj(x_bth).reshape(b, t, self.num_heads, self.head_dim)
+    k_btkd = self.k_proj(x_bth).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v_btkd = self.v_proj(x_bth).reshape(b, t, self.num_kv_heads, self.head_dim)
+    return apply_rope(q_btnd, cos_btf, sin_btf), apply_rope(k_btkd, cos_btf, sin_btf), v_btkd
+
+  def attend(self, q_btnd, keys_bskd, values_bskd, mask_b1ts):
+    """o_proj of the queries' attention over S keys/values ([B,S,K,D]; mask [B,1,T,S]): [B,T,H]."""
+    b, t = q_btnd.shape[:2]
+    out_btnd = jax.nn.dot_product_attention(
+        q_btnd, keys_bskd, values_bskd, mask=mask_b1ts, implementation=self.implementation)
+    return self.o_proj(out_btnd.reshape(b, t, self.num_heads * self.head_dim))
+
   def __call__(self, x_bth, cos_btf, sin_btf, mask_b1ts, kv=None):
     """Returns (output [B,T,H], kv).
 
@@ -145,12 +165,7 @@ class Attention(nnx.Module):
     values are written into the stacked caches at [layer, :, index:index+T] (in place under jit) and the query
     attends over the S slots of this layer.
     """
-    b, t, _ = x_bth.shape
-    q_btnd = self.q_proj(x_bth).reshape(b, t, self.num_heads, self.head_dim)
-    k_btkd = self.k_proj(x_bth).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v_btkd = self.v_proj(x_bth).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q_btnd = apply_rope(q_btnd, cos_btf, sin_btf)
-    k_btkd = apply_rope(k_btkd, cos_btf, sin_btf)
+    q_btnd, k_btkd, v_btkd = self.project(x_bth, cos_btf, sin_btf)
     if kv is None:
       keys, values = k_btkd, v_btkd
     else:
@@ -160,9 +175,7 @@ class Attention(nnx.Module):
       v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkd[None].astype(v_cache.dtype), start)
       keys, values = k_cache[layer].astype(q_btnd.dtype), v_cache[layer].astype(q_btnd.dtype)
       kv = (k_cache, v_cache, layer, index)
-    out_btnd = jax.nn.dot_product_attention(
-        q_btnd, keys, values, mask=mask_b1ts, implementation=self.implementation)
-    return self.o_proj(out_btnd.reshape(b, t, self.num_heads * self.head_dim)), kv
+    return self.attend(q_btnd, keys, values, mask_b1ts), kv
 
 
 class MLP(nnx.Module):
@@ -193,6 +206,18 @@ class DecoderLayer(nnx.Module):
     h_bth = x_bth + attn_out
     return h_bth + self.mlp(self.post_attention_layernorm(h_bth)), kv
 
+  def after_keys(self, x_bth, cos_btf, sin_btf, mask_b1ts, before=None):
+    """The block on x whose attention sees the keys/values ``before`` = (k, v) [B,P,K,D] (computed already, e.g. a
+    shared prompt's) ahead of x's own; mask [B,1,T,P+T]. Returns (output [B,T,H], (k, v) of x's T tokens)."""
+    attn = self.self_attn
+    q_btnd, k_btkd, v_btkd = attn.project(self.input_layernorm(x_bth), cos_btf, sin_btf)
+    keys, values = k_btkd, v_btkd
+    if before is not None:
+      keys = jnp.concatenate([before[0].astype(k_btkd.dtype), k_btkd], axis=1)
+      values = jnp.concatenate([before[1].astype(v_btkd.dtype), v_btkd], axis=1)
+    h_bth = x_bth + attn.attend(q_btnd, keys, values, mask_b1ts)
+    return h_bth + self.mlp(self.post_attention_layernorm(h_bth)), (k_btkd, v_btkd)
+
 
 # ModelConfig.remat → `jax.checkpoint` policy of the scanned block (None: no checkpoint at all).
 _REMAT_POLICIES = {
@@ -214,17 +239,46 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
   return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers]))
 
 
+def _checkpointed(body, remat: str):
+  """``body`` rematerialised in the backward pass per ``remat`` (``ModelConfig.remat``); unchanged for "none"."""
+  if remat == "none":
+    return body
+  # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
+  return nnx.remat(body, policy=_REMAT_POLICIES[remat], prevent_cse=False, graph=False)
+
+
 def _scan_layers(layers: DecoderLayer, x_bth, cos_btf, sin_btf, mask_b1ts, remat: str):
   """x ← block_l(x) for l = 0..L-1 through one `nnx.scan` (no cache), the body checkpointed per `remat`."""
 
   def body(x_bth, layer):
     return constrain_rows(layer(constrain_rows(x_bth), cos_btf, sin_btf, mask_b1ts)[0])
 
-  policy = _REMAT_POLICIES[remat]
-  if remat != "none":
-    # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
-    body = nnx.remat(body, policy=policy, prevent_cse=False, graph=False)
-  return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False)(x_bth, layers)
+  return nnx.scan(_checkpointed(body, remat), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False)(x_bth, layers)
+
+
+def _scan_layers_after_prefix(layers: DecoderLayer, prefix, rows, group_size: int, remat: str):
+  """The blocks over a prefix shared by groups of ``group_size`` rows, then over each row's own tokens.
+
+  ``prefix`` = (x [B/G,P,H], cos, sin, mask [B/G,1,P,P]) runs through the L blocks once per group, keeping each
+  block's keys/values [L,B/G,P,K,D]; ``rows`` = (x [B,T,H], cos, sin, mask [B,1,T,P+T]) then runs through them with
+  block l attending over its group's prefix keys/values (repeated G times) ahead of its own. Both scans are
+  checkpointed per ``remat``. Returns the rows' x after the last block.
+  """
+  x_gph, cos_gpf, sin_gpf, mask_g1pp = prefix
+  x_bth, cos_btf, sin_btf, mask_b1ts = rows
+
+  def prefix_body(x_gph, layer):
+    x_gph, kv = layer.after_keys(constrain_rows(x_gph), cos_gpf, sin_gpf, mask_g1pp)
+    return constrain_rows(x_gph), kv
+
+  def row_body(x_bth, layer, k_gpkd, v_gpkd):
+    before = tuple(constrain_rows(jnp.repeat(a, group_size, axis=0)) for a in (k_gpkd, v_gpkd))
+    return constrain_rows(layer.after_keys(constrain_rows(x_bth), cos_btf, sin_btf, mask_b1ts, before)[0])
+
+  _, (k_lgpkd, v_lgpkd) = nnx.scan(_checkpointed(prefix_body, remat), in_axes=(nnx.Carry, 0),
+                                   out_axes=(nnx.Carry, 0), graph=False)(x_gph, layers)
+  return nnx.scan(_checkpointed(row_body, remat), in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
+                  graph=False)(x_bth, layers, k_lgpkd, v_lgpkd)
 
 
 def _scan_layers_with_cache(layers: DecoderLayer, x_bth, cos_btf, sin_btf, mask_b1ts, k_cache, v_cache, index):
@@ -314,7 +368,6 @@ class CausalLM(nnx.Module):
     if cache is None:
       query_slot_t = jnp.arange(t)
       key_valid_bs = mask_bt
-      num_slots = t
     else:
       chex.assert_shape(cache.valid, (b, None))
       chex.assert_shape([cache.k, cache.v], (cfg.num_layers, b, cache.valid.shape[1], cfg.num_kv_heads,
@@ -322,11 +375,7 @@ class CausalLM(nnx.Module):
       _check_cache_room(cache, t)
       query_slot_t = cache.index + jnp.arange(t)
       key_valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
-      num_slots = cache.valid.shape[1]
-    key_slot_s = jnp.arange(num_slots)
-    causal_ts = key_slot_s[None, :] <= query_slot_t[:, None]
-    self_ts = key_slot_s[None, :] == query_slot_t[:, None]
-    allowed_b1ts = (causal_ts[None] & (key_valid_bs[:, None, :] | self_ts[None]))[:, None]
+    allowed_b1ts = _attention_mask(query_slot_t, key_valid_bs)
 
     cos_btf, sin_btf = rope_cos_sin(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
     x_bth = embed_rows(self.embed.embedding[...].astype(cfg.compute_dtype), tokens_bt)  # = self.embed(tokens_bt)
@@ -348,6 +397,56 @@ class CausalLM(nnx.Module):
       logits_btv = jnp.einsum('bth,vh->btv', hidden_bth, self.unembedding().astype(hidden_bth.dtype),
                               preferred_element_type=jnp.float32)
     return CausalLMOutput(logits=logits_btv, hidden=hidden_bth, cache=new_cache)
+
+
+  def shared_prefix_hidden(self, tokens_bt, attention_mask_bt, *, prefix_length: int, group_size: int) -> jax.Array:
+    """Final hidden states [B, T−P, H] of columns P… of rows whose first P columns repeat in groups of G rows.
+
+    Rows gG … gG+G−1 hold the same first P columns (tokens and mask: G completions of one left-padded prompt). Those
+    columns run through the blocks once per group, and each block's keys/values of them serve the group's G rows;
+    columns P… run once per row. The values are those of ``self(tokens_bt, positions_bt=None,
+    attention_mask_bt).hidden[:, P:]`` (the same keys, masks and default positions) with (B/G)·P + B·(T−P) tokens
+    through the model instead of B·T. A row whose first P columns differ from its group's first row's (a real
+    token differs, or the mask) comes back NaN, never silently wrong.
+
+    Raises:
+      ValueError: P not in [1, T), G < 1, or G does not divide B.
+    """
+    cfg = self.config
+    chex.assert_rank(tokens_bt, 2)
+    b, t = tokens_bt.shape
+    chex.assert_shape(attention_mask_bt, (b, t))
+    p, g = prefix_length, group_size
+    if not 0 < p < t or g < 1 or b % g:
+      raise ValueError(f"shared_prefix_hidden needs 0 < prefix_length < T = {t} and a group_size dividing the {b} "
+                       f"rows; got prefix_length={p}, group_size={g}.")
+    mask_bt = attention_mask_bt.astype(bool)
+    positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=-1, dtype=jnp.int32) - 1, 0)
+
+    def first(a):  # each group's first row
+      return a.reshape(b // g, g, *a.shape[1:])[:, 0]
+
+    prefix_tokens, prefix_mask = first(tokens_bt[:, :p]), first(mask_bt[:, :p])
+    embed = self.embed.embedding[...].astype(cfg.compute_dtype)
+    head_dim, theta = cfg.resolved_head_dim, cfg.rope_theta
+    prefix = (embed_rows(embed, prefix_tokens), *rope_cos_sin(first(positions_bt[:, :p]), head_dim, theta),
+              _attention_mask(jnp.arange(p), prefix_mask))
+    rows = (embed_rows(embed, tokens_bt[:, p:]), *rope_cos_sin(positions_bt[:, p:], head_dim, theta),
+            _attention_mask(p + jnp.arange(t - p), mask_bt))
+    hidden_bnh = constrain_rows(self.norm(_scan_layers_after_prefix(self.layers, prefix, rows, g, cfg.remat)))
+    repeated_mask = jnp.repeat(prefix_mask, g, axis=0)
+    same_tokens = ~repeated_mask | (tokens_bt[:, :p] == jnp.repeat(prefix_tokens, g, axis=0))
+    same_b = jnp.all(same_tokens & (mask_bt[:, :p] == repeated_mask), axis=1)
+    return jnp.where(same_b[:, None, None], hidden_bnh, jnp.asarray(jnp.nan, hidden_bnh.dtype))
+
+
+def _attention_mask(query_slot_t: jax.Array, key_valid_bs: jax.Array) -> jax.Array:
+  """allowed [B,1,T,S]: the query at slot ``query_slot_t[t]`` may attend to key slot s — causally, a real key
+  (``key_valid_bs``) or itself (so rows of pads never see an empty softmax)."""
+  key_slot_s = jnp.arange(key_valid_bs.shape[1])
+  causal_ts = key_slot_s[None, :] <= query_slot_t[:, None]
+  self_ts = key_slot_s[None, :] == query_slot_t[:, None]
+  return (causal_ts[None] & (key_valid_bs[:, None, :] | self_ts[None]))[:, None]
 
 
 def _check_cache_room(cache: KVCache, num_new: int) -> None:
