@@ -21,6 +21,8 @@ Methods:
   trust-region      ``trust_region_transform``: one jvp predicts the step's mean KL, the Adam step is scaled to δ.
   subset-theorem51  Theorem 5.1 acceptance over S subsets (prompt groups): per subset one ``jax.linearize`` of the
                     gradient (HVP + logit tangent), then one Adam step on the accepted mean gradient.
+  grpo-whole-rows   GRPO with every row through the model whole, for sizes whose rows share prompts in groups
+                    (``group``: the other methods run each prompt's columns once per group, as the trainer does).
 
 With ``--micro-batches M > 1`` the batch is M micro-batches of B rows and every method accumulates over them in a
 ``lax.scan``; the full-network masks then need two passes (the Adam proposal needs the whole batch's gradient first).
@@ -181,6 +183,14 @@ def build_methods(graphdef, params, num_micro: int, subsets: int, prompt: int, g
     updates, opt_state = adam.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state, jnp.zeros(())
 
+  whole_rows_logits_fn = make_fns(graphdef, prompt, 1)[1]
+
+  def grpo_whole_rows(p, opt_state, batch):  # GRPO with every row through the model whole (no shared prompts)
+    grads, _ = accumulate(lambda mb: (jax.grad(lambda q: loss_from_logits(whole_rows_logits_fn(q, mb), mb))(p),
+                                      jnp.zeros(())), batch, num_micro)
+    updates, opt_state = adam.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, jnp.zeros(())
+
   def fullnet(second_order: bool):
     tau_h = TAU_HESSIAN if second_order else None
 
@@ -250,6 +260,7 @@ def build_methods(graphdef, params, num_micro: int, subsets: int, prompt: int, g
       "fullnet-jvp-jvp": (fullnet(True), adam.init, "rejected"),
       "trust-region": (trust_region, trust.init, "scale"),
       "subset-theorem51": (subset_theorem51, adam.init, "accepted"),
+      "grpo-whole-rows": (grpo_whole_rows, adam.init, "-") if group > 1 else None,
   }
   return {k: v for k, v in methods.items() if v is not None}
 

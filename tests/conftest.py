@@ -1,4 +1,4 @@
-"""Shared pytest fixtures, and XLA's cheapest compile settings for the whole suite.
+"""Shared pytest fixtures, XLA's cheapest compile settings and one compilation cache for the whole suite.
 
 The test programs are tiny, so compiling them costs more than running them: every test (and every subprocess a test
 starts, which inherits the environment) runs with LLVM's backend optimisation off. The flags change code generation,
@@ -6,11 +6,23 @@ not the operations XLA computes; results may differ from an optimised build in t
 another summation order), which every tolerance in the suite (HF parity, autodiff, bf16) allows.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     *(f for f in FAST_COMPILE if f not in os.environ.get("XLA_FLAGS", ""))]).strip()
+
+# One persistent compilation cache for the whole run (every xdist worker and every subprocess inherits the variable;
+# the process that made the folder removes it at exit): the many tests that build the same tiny programs (the
+# sampler, the evaluation, the warm start, one algorithm's step) compile each once. Not when the caller set a cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="capo_jax_tests_jit_")
+  atexit.register(shutil.rmtree, _CACHE_DIR, True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import gin  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position

@@ -49,10 +49,12 @@ def _without_logits_stats(hook):
 def test_token_mask_from_top_k_equals_token_mask_from_hidden(setup):
   graphdef, params, batch = setup
   cfg, optimizer, capo = _capo(1e-4)
-  # Moments after one real step, so the Adam direction model reads non-zero rows.
-  step = components.make_learner_step(cfg, graphdef, optimizer, capo)
-  p, opt_state, _ = step(jax.tree.map(jnp.copy, params), optimizer.init(params), batch)
-  hidden, w, targets = learner.completion_hidden(graphdef, p, batch.tokens_bs, batch.attention_mask_bs, 5)
+  # Moments after one update of a random gradient, so the Adam direction model reads non-zero rows.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  grads = jax.tree.unflatten(tree, [1e-3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  _, opt_state = optimizer.update(grads, optimizer.init(params), params)
+  hidden, w, targets = learner.completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, 5)
   completion = learner.loss_completion_mask(batch)
   adv = batch.advantages_b
   mask_a, aux_a = capo.token_mask_from_hidden(opt_state, hidden, w, targets, adv, completion)
