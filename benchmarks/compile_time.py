@@ -2,9 +2,11 @@
 
     python -m benchmarks.compile_time                      # hidden 64, vocabulary 512, B=8 rows of 32 + 32 tokens
     python -m benchmarks.compile_time --remat full         # the same with every scanned layer rematerialised
+    python -m benchmarks.compile_time --group 1            # every row through the model whole (no shared prompts)
 
 The step is ``capo_jax.learner.make_rl_step`` (forward, backward, optax Adam update; no token mask) on a random-init
-``CausalLM``. For each depth the jitted step is traced and lowered (``step.lower``) and then compiled
+``CausalLM``, its rows ``--group`` samples of each prompt run as the trainer runs them (each prompt's columns once per
+group: a prompt scan and a row scan of the layers). For each depth the jitted step is traced and lowered (``step.lower``) and then compiled
 (``.compile()``) from a cleared JAX cache, ``--repeats`` times; the minimum of each phase is printed. Decoder layers run
 under one ``nnx.scan``, so the program XLA compiles has one layer body whatever the depth and the ratio should stay
 near 1. The last line is ``compile_24_over_2=<ratio>`` of the lower+compile seconds.
@@ -34,12 +36,14 @@ def _problem(num_layers: int, args):
   graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
   optimizer = optax.adam(1e-4)
   opt_state = optimizer.init(params)
-  objective = learner.Objective(completion_length=args.completion)
+  objective = learner.Objective(completion_length=args.completion, prompt_group_size=args.group)
   step = learner.make_rl_step(graphdef, optimizer, objective)
   rows, length = args.batch, args.prompt + args.completion
   rng = np.random.default_rng(0)
+  tokens = rng.integers(0, args.vocab, (rows, length))
+  tokens[:, :args.prompt] = np.repeat(tokens[::args.group, :args.prompt], args.group, axis=0)
   batch = learner.SequenceBatch(
-      tokens_bs=jnp.asarray(rng.integers(0, args.vocab, (rows, length)), jnp.int32),
+      tokens_bs=jnp.asarray(tokens, jnp.int32),
       attention_mask_bs=jnp.ones((rows, length), jnp.int32),
       completion_mask_bn=jnp.ones((rows, args.completion), jnp.int32),
       advantages_b=jnp.asarray(rng.normal(size=rows), jnp.float32),
@@ -72,14 +76,15 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt", type=int, default=32)
   parser.add_argument("--completion", type=int, default=32)
+  parser.add_argument("--group", type=int, default=4, help="samples per prompt (rows sharing a prompt); 1: none")
   parser.add_argument("--remat", default=ModelConfig.remat,
                       help="ModelConfig.remat policy of the scanned layer body (default: the model's default)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--size", default="tiny", help="accepted for benchmarks.run_all; ignored")
   args = parser.parse_args(argv)
   print(f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} hidden={args.hidden} "
-        f"vocab={args.vocab} batch={args.batch} tokens={args.prompt}+{args.completion} remat={args.remat}",
-        flush=True)
+        f"vocab={args.vocab} batch={args.batch} tokens={args.prompt}+{args.completion} remat={args.remat} "
+        f"group={args.group}", flush=True)
   totals = {}
   for depth in DEPTHS:
     lower_s, compile_s = _time_compile(depth, args)
