@@ -6,9 +6,10 @@
 
 The step is ``capo_jax.learner.make_rl_step`` (forward, backward, optax Adam update; no token mask) on a random-init
 ``CausalLM``, its rows ``--group`` samples of each prompt run as the trainer runs them (each prompt's columns once per
-group: a prompt scan and a row scan of the layers). For each depth the jitted step is traced and lowered (``step.lower``) and then compiled
-(``.compile()``) from a cleared JAX cache, ``--repeats`` times; the minimum of each phase is printed. Decoder layers run
-under one ``nnx.scan``, so the program XLA compiles has one layer body whatever the depth and the ratio should stay
+group: a prompt scan and a row scan of the layers). For each depth the jitted step is traced and lowered
+(``step.lower``) and then compiled (``.compile()``) from a cleared JAX cache, ``--repeats`` times; the minimum of each
+phase is printed. Decoder layers run under ``nnx.scan`` (one over the prompts' columns, one over the rows' with
+``--group`` > 1), so the program XLA compiles has one or two layer bodies whatever the depth and the ratio should stay
 near 1. The last line is ``compile_24_over_2=<ratio>`` of the lower+compile seconds.
 """
 
