@@ -1,9 +1,11 @@
 """The learner: pure, jitted steps from a fixed-shape batch of sequences to new parameters and optimizer state.
 
 A batch row is a left-padded prompt of ``P`` columns followed by ``N`` completion columns (``S = P + N``). The model
-runs once over ``tokens[:, :-1]``; the hidden state at column ``P − 1 + n`` predicts completion token ``n``. Log-probs
-come from ``token_logprobs_from_hidden`` (unembedding fused in chunks: the ``[B, N, V]`` logits are never stored for
-the backward pass).
+runs once over ``tokens[:, :-1]``; the hidden state at column ``P − 1 + n`` predicts completion token ``n``. When the
+rows come in groups of one prompt (``Objective.prompt_group_size``, the rollout's samples per prompt), the prompt's
+columns run once per group (``completion_hidden``; docs/MATH.md §1.3, "Shared prompts"). Log-probs come from
+``token_logprobs_from_hidden`` (unembedding fused in chunks: the ``[B, N, V]`` logits are never stored for the
+backward pass).
 
 The steps share that forward:
 
@@ -81,8 +83,9 @@ def completion_hidden(graphdef: nnx.GraphDef, params: nnx.State, tokens_bs: jax.
   ``prompt_group_size`` G > 1: rows come in groups of G consecutive rows with the same prompt (the rollout's G
   completions of each prompt); the prompt's columns but its last then run once per group
   (``CausalLM.shared_prefix_hidden``: the same values, (B/G)·(P−1) + B·N tokens through the model instead of
-  B·(P+N−1)). A slice of a batch keeps whole runs of gcd(rows, G) rows when it is a contiguous block aligned to its
-  size, which is what is used here. A row whose prompt differs from its group's comes back NaN.
+  B·(P+N−1)). Groups are counted from row 0 with gcd(rows, G) rows each, which a contiguous slice of the batch
+  aligned to its own size (a minibatch, a Theorem 5.1 subset) keeps. A row whose prompt differs from its group's
+  first row comes back NaN.
   """
   model = nnx.merge(graphdef, params)
   rows, columns = tokens_bs.shape
