@@ -435,9 +435,9 @@ def curvature_statistics(
   _check_statistics_inputs(hidden_bth, tokens_bt, advantages_b, completion_mask_bt, granularity)
   chex.assert_equal_shape_prefix([hidden_bth, logits_btv], 2)
   top = top_k_policy(logits_btv, tokens_bt, top_k, temperature, valid_bt=completion_mask_bt)
-  return _statistics_of_top(hidden_bth, top, logits_btv.shape[-1], advantages_b, completion_mask_bt,
-                            learning_rate=learning_rate, direction=direction, granularity=granularity,
-                            chunk_size=chunk_size)
+  return curvature_statistics_from_top_k(hidden_bth, top, logits_btv.shape[-1], advantages_b, completion_mask_bt,
+                                         learning_rate=learning_rate, direction=direction,
+                                         granularity=granularity, chunk_size=chunk_size)
 
 
 def curvature_statistics_from_hidden(
@@ -461,15 +461,15 @@ def curvature_statistics_from_hidden(
   _check_statistics_inputs(hidden_bth, tokens_bt, advantages_b, completion_mask_bt, granularity)
   top = top_k_policy_from_hidden(hidden_bth, unembedding_vh, tokens_bt, top_k, temperature,
                                  valid_bt=completion_mask_bt > 0, chunk_size=logits_chunk_size)
-  return _statistics_of_top(hidden_bth, top, unembedding_vh.shape[0], advantages_b, completion_mask_bt,
-                            learning_rate=learning_rate, direction=direction, granularity=granularity,
-                            chunk_size=chunk_size)
+  return curvature_statistics_from_top_k(hidden_bth, top, unembedding_vh.shape[0], advantages_b, completion_mask_bt,
+                                         learning_rate=learning_rate, direction=direction,
+                                         granularity=granularity, chunk_size=chunk_size)
 
 
 def curvature_statistics_from_top_k(
     hidden_bth: Array,
     top: TopKPolicy,
-    vocab_size: int,
+    vocab: int,
     advantages_b: Array,
     completion_mask_bt: Array,
     *,
@@ -478,19 +478,10 @@ def curvature_statistics_from_top_k(
     granularity: Granularity = "token",
     chunk_size: int = 256,
 ) -> CurvatureStatistics:
-  """``curvature_statistics`` from a top-K policy already formed by the caller (e.g. by ``top_k_policy`` inside the
-  loss's own chunked logits pass, so the logits are computed once per step): the same statistics."""
+  """``curvature_statistics`` from a top-K policy already formed from the logits (by ``top_k_policy`` here, or by the
+  caller inside the loss's own chunked logits pass, so that a step computes the logits once): the same statistics."""
   _check_statistics_inputs(hidden_bth, top.ids_btk[..., 0], advantages_b, completion_mask_bt, granularity)
   chex.assert_equal_shape([top.ids_btk, top.probs_btk, top.onehot_btk])
-  return _statistics_of_top(hidden_bth, top, vocab_size, advantages_b, completion_mask_bt,
-                            learning_rate=learning_rate, direction=direction, granularity=granularity,
-                            chunk_size=chunk_size)
-
-
-def _statistics_of_top(hidden_bth: Array, top: TopKPolicy, vocab: int, advantages_b: Array,
-                       completion_mask_bt: Array, *, learning_rate, direction, granularity,
-                       chunk_size) -> CurvatureStatistics:
-  """The statistics of ``curvature_statistics`` from an already computed top-K policy."""
   b, t, h = hidden_bth.shape
   dtype = top.probs_btk.dtype
   hidden_bth = hidden_bth.astype(dtype)
