@@ -38,16 +38,26 @@ def _group_size(v: int, k: int) -> int:
   return divisor if 2 * divisor >= size else size
 
 
-def _top_k_initial_bracket(z_nv: Array, k: int) -> tuple[Array, Array]:
-  """Per row (lo, hi) with #{z ≥ lo} ≥ k and hi = row max: split the row into G ≥ k groups; the smallest group maximum
-  has ≥ G ≥ k entries at or above it. (NaN rows: undefined; XLA:CPU's max does not reliably propagate NaN.)"""
+def _group_maxima(z_nv: Array, size: int) -> tuple[Array, Array]:
+  """Maxima of the V // ``size`` groups {j, j + G, j + 2G, …} of each row ([N, G]) and the row maxima ([N]).
+
+  Any partition of the row serves the bounds; strided groups make the maximum a reduction over a major axis, which
+  XLA:CPU vectorises along the G contiguous groups. Entries past G·size (V not a multiple of ``size``) only enter
+  the row maxima.
+  """
   n, v = z_nv.shape
-  size = _group_size(v, k)
   groups = v // size
-  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, groups, size), axis=-1)
+  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, size, groups), axis=1)
   hi = jnp.max(group_max, axis=-1)
   if groups * size < v:
     hi = jnp.maximum(hi, jnp.max(z_nv[:, groups * size:], axis=-1))
+  return group_max, hi
+
+
+def _top_k_initial_bracket(z_nv: Array, k: int) -> tuple[Array, Array]:
+  """Per row (lo, hi) with #{z ≥ lo} ≥ k and hi = row max: split the row into G ≥ k groups; the smallest group maximum
+  has ≥ G ≥ k entries at or above it. (NaN rows: undefined; XLA:CPU's max does not reliably propagate NaN.)"""
+  group_max, hi = _group_maxima(z_nv, _group_size(z_nv.shape[1], k))
   return jnp.min(group_max, axis=-1), hi
 
 
@@ -59,29 +69,28 @@ def _top_k_group_bound(z_nv: Array, k: int, steps: int = 10) -> tuple[Array, Arr
   the k-th largest maximum: far fewer passes over the full rows than bisection on the rows themselves for the same
   number of candidates left (docs/PERFORMANCE.md).
   """
-  n, v = z_nv.shape
-  size = _group_size(v, 2 * k)
-  groups = v // size
-  group_max = jnp.max(z_nv[:, :groups * size].reshape(n, groups, size), axis=-1)
-  lo, hi = jnp.min(group_max, axis=-1), jnp.max(group_max, axis=-1)
-  if groups * size < v:
-    hi = jnp.maximum(hi, jnp.max(z_nv[:, groups * size:], axis=-1))
-  top = hi
+  group_max, hi = _group_maxima(z_nv, _group_size(z_nv.shape[1], 2 * k))
+  lo, top = jnp.min(group_max, axis=-1), hi
   for _ in range(steps):
     mid = lo + 0.5 * (hi - lo)
-    enough = jnp.sum((~(group_max < mid[:, None])).astype(jnp.int32), axis=-1) >= k
+    enough = _count_at_least(group_max, mid) >= k
     lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
   return lo, top
 
 
-def _count_at_least(z_nv: Array, threshold_n: Array) -> Array:
-  """#{z ≥ threshold or z = NaN} per row (int32), as #{not z < threshold}. Summed in two stages when V splits into
-  32-wide columns: XLA:CPU fuses that into one pass, faster than a single sum of the comparison."""
-  n, v = z_nv.shape
-  hits = (~(z_nv < threshold_n[:, None])).astype(jnp.int32)
-  if v % 32 == 0 and v > 32:
-    return jnp.sum(jnp.sum(hits.reshape(n, v // 32, 32), axis=1), axis=-1)
+def _row_count(hits_nm: Array) -> Array:
+  """Per-row count of a boolean [N, M] (int32). Summed in two stages when M splits into 32-wide columns: XLA:CPU fuses
+  that into one pass, faster than a single minor-axis sum."""
+  n, m = hits_nm.shape
+  hits = hits_nm.astype(jnp.int32)
+  if m % 32 == 0 and m > 32:
+    return jnp.sum(jnp.sum(hits.reshape(n, m // 32, 32), axis=1), axis=-1)
   return jnp.sum(hits, axis=-1)
+
+
+def _count_at_least(z_nv: Array, threshold_n: Array) -> Array:
+  """#{z ≥ threshold or z = NaN} per row (int32), as #{not z < threshold}."""
+  return _row_count(~(z_nv < threshold_n[:, None]))
 
 
 def _top_k_lower_bound(z_nv: Array, k: int, bisection_steps: int) -> Array:
@@ -161,11 +170,17 @@ def _compact(mask_nm: Array, slots: int) -> tuple[Array, Array]:
   counts = jax.lax.population_count(bits).astype(jnp.int32)
   ends = jnp.cumsum(counts, axis=-1)  # inclusive running count per word
   slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+  # The word of slot p is the first word whose running count passes p: walk the words (unrolled; one fused pass on
+  # XLA:CPU), carrying that word's bits and the count before it (selects instead of gathers).
   word = jnp.zeros((n, slots), jnp.int32)
-  for w in range(words - 1):  # word of slot p = #{words ending at or before p}; unrolled (XLA:CPU is fast on this)
-    word = word + (ends[:, w:w + 1] <= slot).astype(jnp.int32)
-  rank = (slot - jnp.take_along_axis(ends - counts, word, axis=-1)).astype(jnp.uint32)
-  bits_p = jnp.take_along_axis(bits, word, axis=-1)
+  start = jnp.zeros((n, slots), jnp.int32)
+  bits_p = jnp.broadcast_to(bits[:, :1], (n, slots))
+  for w in range(words - 1):
+    past = ends[:, w:w + 1] <= slot
+    word = word + past.astype(jnp.int32)
+    start = jnp.where(past, ends[:, w:w + 1], start)
+    bits_p = jnp.where(past, bits[:, w + 1:w + 2], bits_p)
+  rank = (slot - start).astype(jnp.uint32)
   pos = jnp.zeros_like(bits_p)
   for step in (16, 8, 4, 2, 1):  # largest pos with popcount(bits below pos) ≤ rank = the rank-th set bit
     trial = pos + step
@@ -192,7 +207,7 @@ def _threshold_key(key_nc: Array, real_nc: Array, k: int) -> tuple[Array, Array]
   def halve(c):
     lo, hi, count_lo = c
     mid = lo + (hi - lo + 1) // 2  # in (lo, hi]; no overflow in uint32
-    count_mid = jnp.sum((key_nc >= mid[:, None]).astype(jnp.int32), axis=-1)
+    count_mid = _row_count(key_nc >= mid[:, None])
     enough = count_mid >= k
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1), jnp.where(enough, count_mid, count_lo)
 
