@@ -53,14 +53,20 @@ def test_token_mask_from_top_k_equals_token_mask_from_hidden(setup):
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   grads = jax.tree.unflatten(tree, [1e-3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-  _, opt_state = optimizer.update(grads, optimizer.init(params), params)
+  opt_state = jax.jit(lambda g, p: optimizer.update(g, optimizer.init(p), p)[1])(grads, params)
   hidden, w, targets = learner.completion_hidden(graphdef, params, batch.tokens_bs, batch.attention_mask_bs, 5)
   completion = learner.loss_completion_mask(batch)
   adv = batch.advantages_b
-  mask_a, aux_a = capo.token_mask_from_hidden(opt_state, hidden, w, targets, adv, completion)
-  logits = jnp.einsum("bnh,vh->bnv", hidden, w, preferred_element_type=jnp.float32)
-  top = capo.top_k_policy(logits, targets, completion > 0)
-  mask_b, aux_b = capo.token_mask_from_top_k(opt_state, hidden, top, VOCAB, adv, completion)
+
+  @jax.jit  # both paths in one compiled call (op by op, the top-K's loops dominate the test's time)
+  def both(opt_state, hidden, w, targets, adv, completion):
+    mask_a, aux_a = capo.token_mask_from_hidden(opt_state, hidden, w, targets, adv, completion)
+    logits = jnp.einsum("bnh,vh->bnv", hidden, w, preferred_element_type=jnp.float32)
+    top = capo.top_k_policy(logits, targets, completion > 0)
+    mask_b, aux_b = capo.token_mask_from_top_k(opt_state, hidden, top, VOCAB, adv, completion)
+    return mask_a, aux_a, mask_b, aux_b
+
+  mask_a, aux_a, mask_b, aux_b = both(opt_state, hidden, w, targets, adv, completion)
   m_fisher = np.asarray(aux_a.m_fisher)[np.asarray(completion) > 0]
   assert m_fisher.min() > 0 and m_fisher.max() > 1.2 * m_fisher.min()  # real, token-dependent statistics
   np.testing.assert_array_equal(np.asarray(mask_b), np.asarray(mask_a))
