@@ -25,7 +25,9 @@ that objective of the parameters.
 
 Every RL step is guarded (``guarded_update``): an update whose loss, gradient or update is not finite is skipped
 inside the jitted step — parameters and optimizer state come back unchanged — and reported as the metric
-``skipped_nonfinite`` (1.0 for a skipped update, else 0.0) for the host loop to count (docs/RELIABILITY.md).
+``skipped_nonfinite`` (1.0 for a skipped update, else 0.0) for the host loop to count (docs/RELIABILITY.md); beside
+it ``prompt_group_mismatch``, the fraction of rows that break the prompt groups (``prompt_group_mismatch``: those
+rows come back NaN, so such a batch is always skipped).
 
 Everything here is a function of explicit arrays and pytrees; the host loop (``experiments/run.py``) only moves data.
 """
@@ -97,6 +99,30 @@ def completion_hidden(graphdef: nnx.GraphDef, params: nnx.State, tokens_bs: jax.
   else:
     hidden_bnh = model(inputs_bt, attention_mask_bt=mask_bt, return_logits=False).hidden[:, -completion_length:]
   return hidden_bnh, model.unembedding(), tokens_bs[:, -completion_length:]
+
+
+def prompt_group_mismatch(tokens_bs: jax.Array, attention_mask_bs: jax.Array, completion_length: int,
+                          prompt_group_size: int) -> jax.Array:
+  """``[]`` float32: the fraction of rows whose prompt differs from their group's first row — the rows that
+  ``completion_hidden`` returns NaN for (groups of gcd(rows, G) rows; a real token that differs, or the mask, counts;
+  a token under both rows' padding does not). 0 when rows are not grouped. A learner step reports it as the metric
+  ``prompt_group_mismatch``: a batch whose rows do not come in groups of one prompt is skipped as non-finite, and
+  this says why (build the batch in groups of G consecutive rows, or set ``Objective.prompt_group_size`` = 1)."""
+  rows, columns = tokens_bs.shape
+  group = math.gcd(rows, prompt_group_size)
+  prefix = columns - 1 - completion_length
+  if group <= 1 or prefix <= 0:
+    return jnp.zeros([], jnp.float32)
+  tokens_gqp = tokens_bs[:, :prefix].reshape(rows // group, group, prefix)
+  mask_gqp = attention_mask_bs[:, :prefix].reshape(rows // group, group, prefix) > 0
+  first_mask = mask_gqp[:, :1]
+  same = (~first_mask | (tokens_gqp == tokens_gqp[:, :1])) & (mask_gqp == first_mask)
+  return jnp.mean((~jnp.all(same, axis=-1)).astype(jnp.float32))
+
+
+def _batch_group_mismatch(batch: SequenceBatch, objective: Objective) -> jax.Array:
+  return prompt_group_mismatch(batch.tokens_bs, batch.attention_mask_bs, objective.completion_length,
+                               objective.prompt_group_size)
 
 
 def completion_logprobs(graphdef, params, tokens_bs, attention_mask_bs, completion_length: int, *,
@@ -347,7 +373,8 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     params, opt_state, updates, finite = guarded_update(True, optimizer, grads, opt_state, params, metrics["loss"],
                                                         **update_kwargs)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-                   skipped_nonfinite=1.0 - finite.astype(jnp.float32))
+                   skipped_nonfinite=1.0 - finite.astype(jnp.float32),
+                   prompt_group_mismatch=_batch_group_mismatch(batch, objective))
     return params, opt_state, metrics
 
   return step
@@ -634,7 +661,8 @@ def make_fullnet_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransf
     params, opt_state, updates, finite = guarded_update(True, optimizer, grads, opt_state, params,
                                                         aux.metrics["loss"], **aux.update_kwargs)
     metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-                   skipped_nonfinite=1.0 - finite.astype(jnp.float32))
+                   skipped_nonfinite=1.0 - finite.astype(jnp.float32),
+                   prompt_group_mismatch=_batch_group_mismatch(batch, objective))
     return params, opt_state, metrics
 
   return step
@@ -750,7 +778,8 @@ def make_subset_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
     params, opt_state, updates, finite = guarded_update(jnp.any(aux.accepted_s), optimizer, grads, opt_state,
                                                         params, aux.metrics["loss"], **aux.update_kwargs)
     metrics = dict(aux.metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-                   skipped_nonfinite=1.0 - finite.astype(jnp.float32))
+                   skipped_nonfinite=1.0 - finite.astype(jnp.float32),
+                   prompt_group_mismatch=_batch_group_mismatch(batch, objective))
     return params, opt_state, metrics
 
   return step

@@ -287,7 +287,7 @@ def learn(step_fn, state: TrainState, batch: learner.SequenceBatch, num_iteratio
 
 
 # Per-step scalars of the learner's guard, sampler/learner agreement, mismatch corrections and ratio extremes.
-RELIABILITY_METRIC_KEYS = ("skipped_nonfinite", "sampler_learner_kl", "sampler_learner_max_abs_diff", "ratio_min",
+RELIABILITY_METRIC_KEYS = ("skipped_nonfinite", "prompt_group_mismatch", "sampler_learner_kl", "sampler_learner_max_abs_diff", "ratio_min",
                            "ratio_max", "tis_weight_mean", "tis_truncated_fraction", "seq_mask_dropped_fraction")
 
 
@@ -533,16 +533,23 @@ def _count_skips(cfg: TrainConfig, step: int, row: dict[str, Any], consecutive: 
     return 0
   consecutive += 1
   limit = cfg.reliability.max_consecutive_skips
+  mismatch = row.get("prompt_group_mismatch") or 0
+  cause = (f" {mismatch:.0%} of the rows hold a prompt that differs from their group's first row (the learner runs "
+           "each group's prompt once: OptimizerConfig.shared_prompts); the rollout's rows must come in groups of "
+           "group_size consecutive rows of one prompt, or set OptimizerConfig.shared_prompts = False."
+           if mismatch else "")
   log(f"warning: step {step}: non-finite loss, gradient or update (loss={row.get('loss')}, grad_norm="
       f"{row.get('grad_norm')}); {skipped:g} update(s) skipped, parameters and optimizer state unchanged "
-      f"({consecutive}/{limit} consecutive).")
+      f"({consecutive}/{limit} consecutive).{cause}")
   if consecutive >= limit:
     last = ckpt.latest_step()
     where = f"checkpoint {last} ({ckpt.path(last)})" if last is not None else "no checkpoint (none was saved yet)"
     raise DivergedError(
         f"stopped at step {step}: {consecutive} consecutive steps had a non-finite loss, gradient or update (loss="
-        f"{row.get('loss')}). The last good state is {where}. Lower OptimizerConfig.learning_rate, keep "
-        "max_grad_norm set, or check the task's rewards; ReliabilityConfig.max_consecutive_skips sets the limit.")
+        f"{row.get('loss')}). The last good state is {where}. "
+        + (cause.strip() + " " if mismatch else "Lower OptimizerConfig.learning_rate, keep max_grad_norm set, or "
+           "check the task's rewards; ")
+        + "ReliabilityConfig.max_consecutive_skips sets the limit.")
   return consecutive
 
 

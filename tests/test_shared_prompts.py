@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 from capo_jax import components
 from capo_jax import config as cfg_lib
 from capo_jax import learner
+from capo_jax import trainer
 from capo_jax.models import CausalLM, ModelConfig
 from capo_jax.tasks import ArithTask
 
@@ -88,6 +89,33 @@ def test_a_row_with_another_prompt_comes_back_nan(problem):
   nan_rows = np.isnan(shared).all(axis=(1, 2))
   assert nan_rows.tolist() == [r in (1, 9) for r in range(ROWS)]
   assert np.isfinite(shared[~nan_rows]).all()
+  # The learner's metric counts exactly those rows (here the prompt is the first P − 1 = S − 1 − N columns).
+  mismatch = learner.prompt_group_mismatch(jnp.asarray(tokens), jnp.asarray(mask), N, G)
+  assert float(mismatch) == pytest.approx(2 / ROWS)
+  assert float(learner.prompt_group_mismatch(batch.tokens_bs, batch.attention_mask_bs, N, G)) == 0.0
+  assert float(learner.prompt_group_mismatch(jnp.asarray(tokens), jnp.asarray(mask), N, 1)) == 0.0
+
+
+def test_a_batch_that_breaks_the_groups_is_skipped_and_says_why(problem):
+  graphdef, params, batch = problem
+  broken = batch._replace(tokens_bs=batch.tokens_bs.at[5, P - 1 - 1].add(1))  # a real prompt token of row 5
+  p, metrics = _step((graphdef, params, broken), _config(True))
+  np.testing.assert_array_equal(p, np.asarray(ravel_pytree(params)[0]))  # skipped: parameters unchanged
+  assert float(metrics["skipped_nonfinite"]) == 1.0
+  assert float(metrics["prompt_group_mismatch"]) == pytest.approx(1 / ROWS)
+  # The host loop names the cause in its warning and, at the limit, in the error.
+  cfg = _config(True)
+  row = {"skipped_nonfinite": 1.0, "loss": float("nan"), "prompt_group_mismatch": 1 / ROWS}
+  lines = []
+  assert trainer._count_skips(cfg, 1, row, 0, None, lines.append) == 1
+  assert "differs from their group's first row" in lines[0] and "shared_prompts" in lines[0]
+
+  class NoCheckpoint:
+    def latest_step(self):
+      return None
+
+  with pytest.raises(trainer.DivergedError, match="shared_prompts = False"):
+    trainer._count_skips(cfg, 3, row, cfg.reliability.max_consecutive_skips - 1, NoCheckpoint(), lines.append)
 
 
 @pytest.mark.parametrize("prefix, group", [(0, G), (P + N, G), (3, 0), (3, 5)])
