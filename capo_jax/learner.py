@@ -26,8 +26,8 @@ that objective of the parameters.
 Every RL step is guarded (``guarded_update``): an update whose loss, gradient or update is not finite is skipped
 inside the jitted step — parameters and optimizer state come back unchanged — and reported as the metric
 ``skipped_nonfinite`` (1.0 for a skipped update, else 0.0) for the host loop to count (docs/RELIABILITY.md); beside
-it ``prompt_group_mismatch``, the fraction of rows that break the prompt groups (``prompt_group_mismatch``: those
-rows come back NaN, so such a batch is always skipped).
+it the metric ``prompt_group_mismatch``, the fraction of rows that break the prompt groups (those rows come back NaN,
+so such a batch is always skipped).
 
 Everything here is a function of explicit arrays and pytrees; the host loop (``experiments/run.py``) only moves data.
 """

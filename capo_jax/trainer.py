@@ -287,8 +287,9 @@ def learn(step_fn, state: TrainState, batch: learner.SequenceBatch, num_iteratio
 
 
 # Per-step scalars of the learner's guard, sampler/learner agreement, mismatch corrections and ratio extremes.
-RELIABILITY_METRIC_KEYS = ("skipped_nonfinite", "prompt_group_mismatch", "sampler_learner_kl", "sampler_learner_max_abs_diff", "ratio_min",
-                           "ratio_max", "tis_weight_mean", "tis_truncated_fraction", "seq_mask_dropped_fraction")
+RELIABILITY_METRIC_KEYS = ("skipped_nonfinite", "prompt_group_mismatch", "sampler_learner_kl",
+                           "sampler_learner_max_abs_diff", "ratio_min", "ratio_max", "tis_weight_mean",
+                           "tis_truncated_fraction", "seq_mask_dropped_fraction")
 
 
 def step_row(cfg: TrainConfig, step: int, result: RolloutResult, metrics: dict[str, Any], lr: float,

@@ -58,7 +58,7 @@ def test_token_mask_from_top_k_equals_token_mask_from_hidden(setup):
   completion = learner.loss_completion_mask(batch)
   adv = batch.advantages_b
 
-  @jax.jit  # both paths in one compiled call (op by op, the top-K's loops dominate the test's time)
+  @jax.jit  # both paths in one compiled call: op by op they took most of the test's time
   def both(opt_state, hidden, w, targets, adv, completion):
     mask_a, aux_a = capo.token_mask_from_hidden(opt_state, hidden, w, targets, adv, completion)
     logits = jnp.einsum("bnh,vh->bnv", hidden, w, preferred_element_type=jnp.float32)
