@@ -17,6 +17,9 @@ Rows, per shape (``--size gpu``: 0.5B and 1.5B; ``--size tiny``: one CPU shape):
 * HF learner: ``transformers.Qwen2ForCausalLM`` of the same shape (random init, same dtype) on the same tokens: forward
   with ``logits_to_keep`` = the completion columns, the same surrogate (ρ ≡ 1, seq-mean-token-mean), backward and a
   ``torch.optim.AdamW`` step (fused on CUDA); activation checkpointing on when our model rematerialises.
+* top-K: CAPO's top-50 over the batch's completion positions at the shape's vocabulary, in the loss's logits chunks:
+  ``jax.lax.top_k`` (the mask's path off the CPU) and the elementwise selection of ``capo_jax.ops.top_k.top_k_set``,
+  with each one's share of our GRPO step (``time_top_k``).
 * sampler: ours against HF ``generate`` on the same shape (``--size gpu``: 96 rows, prompt 256, 512 new tokens, no
   early stop, plain sampling at T = 1).
 
@@ -29,7 +32,8 @@ Order: the learner's GRPO, CAPO and HF rows of every shape first, then the sampl
 the trust region. A time guard stops starting new measurements once ``--budget-s`` seconds have passed since start
 (a measurement already running finishes) and prints what it skipped; a measurement that fails prints its error and
 the run goes on; on SIGTERM (gpu_check.sh's stage limit) it stops and still prints the rows measured so far. The last
-lines are ``key=value`` summaries (``*_over_hf_*``, ``capo_over_grpo_*``, ``mfu_*``, ``*tokens_per_s_*``).
+lines are ``key=value`` summaries (``*_over_hf_*``, ``capo_over_grpo_*``, ``mfu_*``, ``*tokens_per_s_*``,
+``topk_*``).
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import learner_step  # noqa: E402
 from benchmarks import sampler as sampler_bench  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from capo_jax.models import CausalLM, ModelConfig  # noqa: E402
+from capo_jax.ops import chunking  # noqa: E402
+from capo_jax.ops import top_k as top_k_ops  # noqa: E402
 
 # Qwen2.5 shapes (HF config.json of each checkpoint), random init, bf16 compute and storage.
 QWEN25 = {
@@ -158,6 +165,36 @@ def time_ours(problem: LearnerProblem, method: str, repeats: int, steps: int) ->
   ms = statistics.median(r[0] for r in runs)
   note = "" if stat_name == "-" else f" ({stat_name}={runs[-1][1]:.3g})"
   return dict(ms=ms, line=f"{ms:.2f} ms/step{note}")
+
+
+def time_top_k(problem: LearnerProblem, repeats: int, k: int = 50) -> dict:
+  """CAPO's top-K over one batch's completion positions at this shape's vocabulary, one chunk of the loss's logits
+  at a time (``chunking.auto_chunk``: ≤ 64 MiB of float32 per chunk), times the number of chunks: ``jax.lax.top_k``
+  (what the mask runs off the CPU) beside ``top_k_set``'s selection path forced on (elementwise passes only). XLA's
+  GPU TopK kernel serves k ≤ 16; for CAPO's k = 50 it sorts the rows, which this row measures. Random normal logits
+  (their order along the vocabulary, which is what a partial sort's cost depends on, is as random as real ones')."""
+  vocab = problem.cfg.vocab_size
+  _, b, t = problem.batch["tokens"].shape
+  rows = b * (t - problem.spec["prompt"])
+  chunk = chunking.auto_chunk(1, rows, vocab, None)
+  z = jax.random.normal(jax.random.key(0), (chunk, vocab), jnp.float32)
+  fns = {"lax": jax.jit(lambda z: jax.lax.top_k(z, k)),
+         "select": jax.jit(lambda z: top_k_ops.top_k_set(z, k, enabled=True))}
+  outs = {name: jax.block_until_ready(fn(z)) for name, fn in fns.items()}
+  same = bool(jnp.all(jnp.sort(outs["lax"][1], axis=-1) == jnp.sort(outs["select"][1], axis=-1)))
+  calls = 5
+  ms = {}
+  for name, fn in fns.items():
+    rounds = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = fn(z)
+      jax.block_until_ready(out)
+      rounds.append((time.perf_counter() - start) / calls * 1e3)
+    ms[name] = statistics.median(rounds) * -(-rows // chunk)
+  return dict(ms=ms, line=f"{rows} positions × V={vocab} in chunks of {chunk}: lax.top_k {ms['lax']:.2f} ms, "
+                          f"selection {ms['select']:.2f} ms (same sets: {same})")
 
 
 def time_hf_learner(problem: LearnerProblem, repeats: int, steps: int) -> dict:
@@ -316,6 +353,10 @@ def main(argv=None):
         r = guard.run(f"{shape} learner {method}", lambda: time_ours(problem(shape), method, repeats, steps))
         if r:
           results[(shape, method)] = r
+      if methods is PRIMARY:
+        r = guard.run(f"{shape} top-K", lambda: time_top_k(problem(shape), repeats))
+        if r:
+          results[(shape, "top-k")] = r
       if methods is PRIMARY and not skip_hf:
         r = guard.run(f"{shape} learner HF", lambda: time_hf_learner(problem(shape), repeats, run["hf_steps"]))
         if r:
@@ -371,6 +412,13 @@ def main(argv=None):
         summary.append(f"mfu_{key}_{shape}={mfu:.4f}")
       if mfu_hf is not None:
         summary.append(f"mfu_hf_learner_{shape}={mfu_hf:.4f}")
+    top = results.get((shape, "top-k"))
+    if top:
+      share = [f"{top['ms'][n] / grpo['ms']:.3f}" if grpo else "-" for n in ("lax", "select")]
+      print(f"{shape:6s} {'top-K lax / select':22s} {top['ms']['lax']:10.2f} ms {top['ms']['select']:10.2f} ms "
+            f"{'':>8s} x grpo {share[0]} / {share[1]}")
+      summary += [f"topk_lax_ms_{shape}={top['ms']['lax']:.3f}", f"topk_select_ms_{shape}={top['ms']['select']:.3f}",
+                  f"topk_select_over_lax_{shape}={top['ms']['select'] / top['ms']['lax']:.3f}"]
     ours, hf = results.get((shape, "sampler")), results.get((shape, "hf-sampler"))
     if ours or hf:
       n = count_params(shapes[shape]["sampler"]) if peak else 0

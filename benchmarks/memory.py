@@ -12,10 +12,10 @@ remat ``full``) is jitted by ``capo_jax.sharding.jit_learner_step`` and lowered 
 their shardings on a fake 8-device CPU mesh (``--xla_force_host_platform_device_count=8``, set here before jax is
 imported); ``compiled.memory_analysis()`` gives the bytes of one device. XLA:CPU computes bf16 matmuls in float32,
 so the check runs in float32 throughout and the model is evaluated at 4 bytes per element too. CAPO's top-K takes the
-path of GPUs and TPUs (``jax.lax.top_k``): the XLA:CPU selection path of ``capo_jax.ops.top_k`` unrolls a loop over
-V/32 words, which at V = 152k takes far longer to compile and is not what an accelerator runs. Compiling a full-depth
-model would take no longer (the layers are one ``nnx.scan``), but two shallow depths L₁ < L₂ separate what grows with
-depth (the per-layer slope) from what does not; the printed full-depth figure is mem(L₁) + (L − L₁)·slope.
+path of GPUs and TPUs (``jax.lax.top_k``): the XLA:CPU selection path of ``capo_jax.ops.top_k`` is not what an
+accelerator runs. Compiling a full-depth model would take no longer (the layers are one ``nnx.scan``), but two
+shallow depths L₁ < L₂ separate what grows with depth (the per-layer slope) from what does not; the printed
+full-depth figure is mem(L₁) + (L − L₁)·slope.
 
 Model part (``memory_model``): parameters, Adam moments and gradients split by the rules of ``capo_jax.sharding``
 (exact per-leaf shard sizes) and the remat-``full`` residuals L·r·S·H, plus the larger of two phases that are not

@@ -119,7 +119,7 @@ def test_top_k_selection_path_itself(kind):
     assert count > k  # the boundary really lies inside a run of equal keys
 
 
-@pytest.mark.parametrize("m", [32, 70, 1024])
+@pytest.mark.parametrize("m", [32, 70, 1024, 64 * 32 + 1, 5000])  # the last two: more words than the unrolled walk
 def test_compact_lists_true_positions_in_order(m):
   rng = np.random.default_rng(m)
   mask = rng.uniform(size=(40, m)) < rng.uniform(0.0, 0.3, size=(40, 1))
@@ -132,6 +132,21 @@ def test_compact_lists_true_positions_in_order(m):
     np.testing.assert_array_equal(r, np.arange(slots) < len(want))
     np.testing.assert_array_equal(p[: len(want)], want)
     assert np.all((0 <= p) & (p < m))
+
+
+def test_top_k_set_at_a_large_vocabulary():
+  """V = 151,936 (Qwen2.5's vocabulary: 4,748 words of flags, so the candidates' compaction takes the binary search):
+  the same sets as lax.top_k, including a row whose k-th value is tied across the vocabulary."""
+  k, v = 50, 151936
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, v)).astype(np.float32)
+  x[1, rng.choice(v, 80, replace=False)] = 9.0  # 80 ties at the top: the k lowest ids of them
+  x[2, : v // 2] = -np.inf
+  x = jnp.asarray(x)
+  got = _as_sets(*jax.jit(lambda z: top_k_ops.top_k_set(z, k, enabled=True))(x))
+  want = _as_sets(*jax.lax.top_k(x, k))
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
 
 
 _FUZZ_TOP_K = {(k, c): jax.jit(lambda z, w, k=k, c=c: top_k_ops.top_k_set(z, k, where=w, enabled=True,

@@ -18,7 +18,8 @@ so that only those candidates matter:
 * fallback — if a needed row still has more than ``capacity`` candidates (heavy ties) or holds a NaN, the whole call
   takes the exact ``top_k`` (``lax.cond``), so the result always equals ``lax.top_k``'s.
 
-Off the CPU backend, or when V is only a few times k, both call ``jax.lax.top_k`` directly. The measured costs are in
+Off the CPU backend, or when V is only a few times k, both call ``jax.lax.top_k`` directly (``top_k`` also when
+V > 48·k, where XLA:CPU's partial sort is the cheaper one). The measured costs are in
 ``docs/PERFORMANCE.md``.
 """
 
@@ -107,11 +108,14 @@ def _top_k_lower_bound(z_nv: Array, k: int, bisection_steps: int) -> Array:
   return jnp.where(jnp.any(jnp.isnan(z_nv), axis=-1), -jnp.inf, lo)
 
 
-def _use_cpu_path(v: int, k: int, enabled: bool | None, min_ratio: int = 16) -> bool:
-  """Whether a CPU path replaces ``lax.top_k``: ``enabled``, or by default on the CPU backend when V ≥ min_ratio·K
-  (the prefilter: 16, below which its extra passes cost more than the sort saves; the set selection: 4)."""
+def _use_cpu_path(v: int, k: int, enabled: bool | None, min_ratio: int = 16, max_ratio: int | None = None) -> bool:
+  """Whether a CPU path replaces ``lax.top_k``: ``enabled``, or by default on the CPU backend when min_ratio·K ≤ V
+  (≤ max_ratio·K when given). The prefilter: 16 ≤ V/K ≤ 48 — below, its extra passes cost more than the sort saves;
+  above, XLA:CPU's partial sort updates its heap so rarely that it is cheaper than the prefilter's passes. The set
+  selection: V/K ≥ 4 (docs/PERFORMANCE.md)."""
   if enabled is None:
-    enabled = jax.default_backend() == "cpu" and v >= min_ratio * k
+    enabled = (jax.default_backend() == "cpu" and v >= min_ratio * k
+               and (max_ratio is None or v <= max_ratio * k))
   return bool(enabled) and v >= 2 * k
 
 
@@ -123,8 +127,9 @@ def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | Non
   work on the finite candidates. The ``prefilter`` path first replaces every entry below a cheap lower bound of the
   k-th largest value (``_top_k_lower_bound``: group maxima + a few bisection steps, ~5 vectorised passes over the
   row) by −∞: the k largest entries are all ≥ that bound, so the result is unchanged, and the sort then sees ~k finite
-  values. Default: prefilter on the CPU backend when V ≥ 16·k (below that the extra passes cost more than the sort
-  saves); elsewhere the backend's own TopK. When the order of the k entries does not matter, ``top_k_set`` is faster
+  values. Default: prefilter on the CPU backend when 16·k ≤ V ≤ 48·k (below, the extra passes cost more than the
+  sort saves; above, the partial sort's heap is updated so rarely that one plain pass is cheaper — at k = 50:
+  0.72× ``lax.top_k`` at V = 512, 0.96× at 3,072, 2× at 16,384); elsewhere the backend's own TopK. When the order of the k entries does not matter, ``top_k_set`` is faster
   still.
 
   ``where`` (boolean, ``x.shape[:-1]``): rows whose result is not needed (padding positions). With the prefilter
@@ -132,7 +137,7 @@ def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | Non
   downstream arithmetic stays NaN-free). Without the prefilter ``where`` is ignored (every row exact).
   """
   v = x.shape[-1]
-  if not _use_cpu_path(v, k, prefilter):
+  if not _use_cpu_path(v, k, prefilter, max_ratio=48):
     return jax.lax.top_k(x, k)
   lead = x.shape[:-1]
   z = x.reshape(-1, v)
@@ -155,12 +160,20 @@ def _order_keys(x: Array) -> Array:
   return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
+# ``_compact`` walks the words of a row unrolled up to this many (a vocabulary of 1,024 is 32 words); longer rows take
+# a binary search instead, whose size does not grow with V (an unrolled walk over Qwen's 151,936 entries — 4,748
+# words — does not compile in 24 GiB).
+_WALK_MAX_WORDS = 64
+
+
 def _compact(mask_nm: Array, slots: int) -> tuple[Array, Array]:
   """Positions of the True entries of each row, in ascending order, in ``slots`` columns; and which are real.
 
   Bit-packed select: the row is cut into words of 32 flags; slot p lies in the word where the running popcount
-  passes p, and inside it at the bit found by a 5-step binary search on popcounts. Every pass is elementwise over
-  [N, M/32] or [N, slots] (no sort, no scatter). Slots beyond the row's count get arbitrary in-range positions.
+  passes p (an unrolled walk over the words, or a binary search when there are more than ``_WALK_MAX_WORDS``), and
+  inside it at the bit found by a 5-step binary search on popcounts. Every pass is elementwise over [N, M/32] or
+  [N, slots], or a gather of [N, slots] (no sort, no scatter). Slots beyond the row's count get arbitrary in-range
+  positions.
   """
   n, m = mask_nm.shape
   words = -(-m // 32)
@@ -170,16 +183,31 @@ def _compact(mask_nm: Array, slots: int) -> tuple[Array, Array]:
   counts = jax.lax.population_count(bits).astype(jnp.int32)
   ends = jnp.cumsum(counts, axis=-1)  # inclusive running count per word
   slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
-  # The word of slot p is the first word whose running count passes p: walk the words (unrolled; one fused pass on
-  # XLA:CPU), carrying that word's bits and the count before it (selects instead of gathers).
-  word = jnp.zeros((n, slots), jnp.int32)
-  start = jnp.zeros((n, slots), jnp.int32)
-  bits_p = jnp.broadcast_to(bits[:, :1], (n, slots))
-  for w in range(words - 1):
-    past = ends[:, w:w + 1] <= slot
-    word = word + past.astype(jnp.int32)
-    start = jnp.where(past, ends[:, w:w + 1], start)
-    bits_p = jnp.where(past, bits[:, w + 1:w + 2], bits_p)
+  if words <= _WALK_MAX_WORDS:
+    # The word of slot p is the first word whose running count passes p: walk the words (unrolled; one fused pass
+    # on XLA:CPU), carrying that word's bits and the count before it (selects instead of gathers).
+    word = jnp.zeros((n, slots), jnp.int32)
+    start = jnp.zeros((n, slots), jnp.int32)
+    bits_p = jnp.broadcast_to(bits[:, :1], (n, slots))
+    for w in range(words - 1):
+      past = ends[:, w:w + 1] <= slot
+      word = word + past.astype(jnp.int32)
+      start = jnp.where(past, ends[:, w:w + 1], start)
+      bits_p = jnp.where(past, bits[:, w + 1:w + 2], bits_p)
+  else:
+    # Long rows (a vocabulary of 10⁵ is thousands of words): the same word — the first whose running count passes p,
+    # else the last — by binary search on the running counts (⌈log2(words)⌉ gathers of [N, slots]; every word below
+    # lo has ends ≤ p, the answer is at most hi), then its bits and the count before it by two more gathers.
+    lo = jnp.zeros((n, slots), jnp.int32)
+    hi = jnp.full((n, slots), words - 1, jnp.int32)
+    for _ in range((words - 1).bit_length()):  # ⌈log2(words)⌉ halvings of [lo, hi]
+      mid = (lo + hi) // 2
+      past = jnp.take_along_axis(ends, mid, axis=-1) <= slot
+      open_ = lo < hi
+      lo, hi = jnp.where(open_ & past, mid + 1, lo), jnp.where(open_ & ~past, mid, hi)
+    word = lo  # slots past the row's count land on the last word, as in the walk
+    start = jnp.where(word > 0, jnp.take_along_axis(ends, jnp.maximum(word - 1, 0), axis=-1), 0)
+    bits_p = jnp.take_along_axis(bits, word, axis=-1)
   rank = (slot - start).astype(jnp.uint32)
   pos = jnp.zeros_like(bits_p)
   for step in (16, 8, 4, 2, 1):  # largest pos with popcount(bits below pos) ≤ rank = the rank-th set bit
