@@ -161,8 +161,8 @@ def _order_keys(x: Array) -> Array:
 
 
 # ``_compact`` walks the words of a row unrolled up to this many (a vocabulary of 1,024 is 32 words); longer rows take
-# a binary search instead, whose size does not grow with V (an unrolled walk over Qwen's 151,936 entries — 4,748
-# words — does not compile in 24 GiB).
+# a binary search instead, whose size does not grow with V. The crossover is at about 64 words (docs/PERFORMANCE.md,
+# notes); an unrolled walk over Qwen's 151,936 entries — 4,748 words — does not compile in 24 GiB.
 _WALK_MAX_WORDS = 64
 
 
