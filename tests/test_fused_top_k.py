@@ -31,13 +31,13 @@ def setup():
   return graphdef, params, batch
 
 
-def _capo(learning_rate):
+def _capo(learning_rate, tau_fisher=1e-4):
   """CAPO's config, optimizer and transform at the learning rate η."""
   cfg = cfg_lib.TrainConfig(
       task=ArithTask(), num_steps=4,
       rollout=cfg_lib.RolloutConfig(prompts_per_step=3, group_size=4, max_new_tokens=5),
       optimizer=cfg_lib.OptimizerConfig(learning_rate=learning_rate), loss=cfg_lib.LossConfig(track_kl=False),
-      curvature=cfg_lib.CurvatureConfig(mode="last_layer", tau_fisher=1e-4, tau_hessian=1e-2, top_k=K))
+      curvature=cfg_lib.CurvatureConfig(mode="last_layer", tau_fisher=tau_fisher, tau_hessian=1e-2, top_k=K))
   return (cfg, *components.build_optimizer(cfg))
 
 
@@ -111,3 +111,31 @@ def test_the_step_forms_the_logits_once(setup, monkeypatch):
   chunk_matmul = 2 * ROWS * chunk * 32 * VOCAB
   saved = flops(_without_logits_stats(hook)) - flops(hook)
   assert abs(saved - chunk_matmul) < 0.01 * chunk_matmul, (saved, chunk_matmul)
+
+
+def test_the_capo_step_at_qwen_vocabulary_takes_the_same_step_as_lax_top_k(monkeypatch):
+  """V = 151,936 (Qwen2.5's vocabulary): the CAPO learner step compiles on the CPU with ``top_k_set``'s selection
+  path (its compaction's unrolled walk over 4,748 words of flags once ran out of memory here) and takes the same
+  two steps — Adam direction at the second, a real mask — as with ``jax.lax.top_k`` (the accelerators' path)."""
+  from capo_jax.ops import top_k as top_k_ops  # pylint: disable=import-outside-toplevel
+  vocab = 151936
+  model_cfg = ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                          num_kv_heads=1)
+  graphdef, params = nnx.split(CausalLM(model_cfg, rngs=nnx.Rngs(0)))
+  batch = _grouped_batch(np.random.default_rng(0), vocab)
+  cfg, optimizer, capo = _capo(1e-3, tau_fisher=5.2e-5)  # the second step's m_F: median ≈ 5.1e-5, max ≈ 5.5e-5
+  hook = components.capo_token_mask_fn(capo)
+  out = {}
+  for path in ("selection", "lax.top_k"):
+    if path == "lax.top_k":
+      monkeypatch.setattr(top_k_ops, "_use_cpu_path", lambda *args, **kwargs: False)
+    step = learner.make_rl_step(graphdef, optimizer, components.objective(cfg), hook)
+    p, s = jax.tree.map(jnp.copy, params), optimizer.init(params)
+    for _ in range(2):
+      p, s, metrics = step(p, s, batch)
+    out[path] = (np.asarray(ravel_pytree(p)[0]), metrics)
+  (sel, m_sel), (lax_, m_lax) = out["selection"], out["lax.top_k"]
+  assert 0.1 < float(m_lax["rejected_fraction"]) < 0.9, float(m_lax["rejected_fraction"])  # a real mask
+  np.testing.assert_allclose(sel, lax_, atol=1e-7)
+  for key in ("rejected_fraction", "m_fisher_max", "m_hessian_p50", "loss", "grad_norm"):
+    np.testing.assert_allclose(float(m_sel[key]), float(m_lax[key]), rtol=1e-6, err_msg=key)
