@@ -18,8 +18,8 @@ Rows, per shape (``--size gpu``: 0.5B and 1.5B; ``--size tiny``: one CPU shape):
   with ``logits_to_keep`` = the completion columns, the same surrogate (ρ ≡ 1, seq-mean-token-mean), backward and a
   ``torch.optim.AdamW`` step (fused on CUDA); activation checkpointing on when our model rematerialises.
 * top-K: CAPO's top-50 over the batch's completion positions at the shape's vocabulary, in the loss's logits chunks:
-  ``jax.lax.top_k`` (the mask's path off the CPU) and the elementwise selection of ``capo_jax.ops.top_k.top_k_set``,
-  with each one's share of our GRPO step (``time_top_k``).
+  ``jax.lax.top_k`` (the mask's path off the CPU), the elementwise selection of ``capo_jax.ops.top_k.top_k_set`` and
+  ``top_k_in_rounds`` (top-16 four times), with each one's share of our GRPO step (``time_top_k``).
 * sampler: ours against HF ``generate`` on the same shape (``--size gpu``: 96 rows, prompt 256, 512 new tokens, no
   early stop, plain sampling at T = 1).
 
@@ -170,8 +170,9 @@ def time_ours(problem: LearnerProblem, method: str, repeats: int, steps: int) ->
 def time_top_k(problem: LearnerProblem, repeats: int, k: int = 50) -> dict:
   """CAPO's top-K over one batch's completion positions at this shape's vocabulary, one chunk of the loss's logits
   at a time (``chunking.auto_chunk``: ≤ 64 MiB of float32 per chunk), times the number of chunks: ``jax.lax.top_k``
-  (what the mask runs off the CPU) beside ``top_k_set``'s selection path forced on (elementwise passes only). XLA's
-  GPU TopK kernel serves k ≤ 16; for CAPO's k = 50 it sorts the rows, which this row measures. Random normal logits
+  (what the mask runs off the CPU) beside ``top_k_set``'s selection path forced on (elementwise passes only) and
+  ``top_k_in_rounds`` (four top-16s). XLA's GPU TopK kernel serves k ≤ 16; for CAPO's k = 50 it sorts the rows,
+  which this row measures. Random normal logits
   (their order along the vocabulary, which is what a partial sort's cost depends on, is as random as real ones')."""
   vocab = problem.cfg.vocab_size
   _, b, t = problem.batch["tokens"].shape
@@ -179,9 +180,11 @@ def time_top_k(problem: LearnerProblem, repeats: int, k: int = 50) -> dict:
   chunk = chunking.auto_chunk(1, rows, vocab, None)
   z = jax.random.normal(jax.random.key(0), (chunk, vocab), jnp.float32)
   fns = {"lax": jax.jit(lambda z: jax.lax.top_k(z, k)),
-         "select": jax.jit(lambda z: top_k_ops.top_k_set(z, k, enabled=True))}
+         "select": jax.jit(lambda z: top_k_ops.top_k_set(z, k, enabled=True)),
+         "rounds": jax.jit(lambda z: top_k_ops.top_k_in_rounds(z, k))}
   outs = {name: jax.block_until_ready(fn(z)) for name, fn in fns.items()}
-  same = bool(jnp.all(jnp.sort(outs["lax"][1], axis=-1) == jnp.sort(outs["select"][1], axis=-1)))
+  same = bool(jnp.all(jnp.sort(outs["lax"][1], axis=-1) == jnp.sort(outs["select"][1], axis=-1))
+              & jnp.all(outs["lax"][1] == outs["rounds"][1]))
   calls = 5
   ms = {}
   for name, fn in fns.items():
@@ -194,7 +197,7 @@ def time_top_k(problem: LearnerProblem, repeats: int, k: int = 50) -> dict:
       rounds.append((time.perf_counter() - start) / calls * 1e3)
     ms[name] = statistics.median(rounds) * -(-rows // chunk)
   return dict(ms=ms, line=f"{rows} positions × V={vocab} in chunks of {chunk}: lax.top_k {ms['lax']:.2f} ms, "
-                          f"selection {ms['select']:.2f} ms (same sets: {same})")
+                          f"selection {ms['select']:.2f} ms, rounds of 16 {ms['rounds']:.2f} ms (same: {same})")
 
 
 def time_hf_learner(problem: LearnerProblem, repeats: int, steps: int) -> dict:
@@ -414,11 +417,12 @@ def main(argv=None):
         summary.append(f"mfu_hf_learner_{shape}={mfu_hf:.4f}")
     top = results.get((shape, "top-k"))
     if top:
-      share = [f"{top['ms'][n] / grpo['ms']:.3f}" if grpo else "-" for n in ("lax", "select")]
-      print(f"{shape:6s} {'top-K lax / select':22s} {top['ms']['lax']:10.2f} ms {top['ms']['select']:10.2f} ms "
-            f"{'':>8s} x grpo {share[0]} / {share[1]}")
-      summary += [f"topk_lax_ms_{shape}={top['ms']['lax']:.3f}", f"topk_select_ms_{shape}={top['ms']['select']:.3f}",
-                  f"topk_select_over_lax_{shape}={top['ms']['select'] / top['ms']['lax']:.3f}"]
+      names = ("lax", "select", "rounds")
+      share = " / ".join(f"{top['ms'][n] / grpo['ms']:.3f}" if grpo else "-" for n in names)
+      print(f"{shape:6s} {'top-K lax/select/rounds':22s} " + " ".join(f"{top['ms'][n]:.2f} ms" for n in names)
+            + f"  x grpo {share}")
+      summary += [f"topk_{n}_ms_{shape}={top['ms'][n]:.3f}" for n in names]
+      summary += [f"topk_{n}_over_lax_{shape}={top['ms'][n] / top['ms']['lax']:.3f}" for n in names[1:]]
     ours, hf = results.get((shape, "sampler")), results.get((shape, "hf-sampler"))
     if ours or hf:
       n = count_params(shapes[shape]["sampler"]) if peak else 0

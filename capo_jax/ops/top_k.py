@@ -154,6 +154,45 @@ def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | Non
   return values.reshape(*lead, k), ids.reshape(*lead, k)
 
 
+def top_k_in_rounds(x: Array, k: int, *, round_k: int = 16) -> tuple[Array, Array]:
+  """``jax.lax.top_k(x, k)`` over the last axis, bit-identical (values, ids and their order), as ⌈k / round_k⌉ calls
+  of ``lax.top_k(·, round_k)``, each on the row with the earlier rounds' entries set to −∞.
+
+  For accelerators: XLA:GPU runs a top-k of k ≤ 16 on rows of ≥ 1,024 entries as one pass of its own kernel, and
+  sorts whole rows for a larger k — CAPO's k = 50 over a vocabulary of 151,936. Each round returns the next
+  ``round_k`` entries in ``lax.top_k``'s order (value descending, ties by lower id: a tie cut by a round goes on in
+  the next one with the higher ids), so the rounds concatenate to ``lax.top_k``'s result whenever the k-th largest
+  entry of every row is above −∞; otherwise (fewer than k entries above −∞, or NaN among the k) the whole call
+  takes ``lax.top_k(x, k)`` itself (``lax.cond``). float32 only (others: ``lax.top_k``). Which is faster on a given GPU is measured by
+  ``benchmarks/gpu.py`` (its top-K row); nothing takes this path by default.
+  """
+  v = x.shape[-1]
+  if k <= round_k or v <= k or x.dtype != jnp.float32:
+    return jax.lax.top_k(x, k)
+  lead = x.shape[:-1]
+  z = x.reshape(-1, v)
+  column = jnp.arange(v, dtype=jnp.int32)[None, :]
+  work, values, ids = z, [], []
+  for start in range(0, k, round_k):
+    # Only the ids leave the TopK: slicing its values output made XLA:CPU sort the whole rows instead (30× slower).
+    _, idx = jax.lax.top_k(work, min(round_k, k - start))
+    val = jnp.take_along_axis(work, idx, axis=-1)  # −∞ where an earlier round's entry came back (then not exact)
+    values.append(val)
+    ids.append(idx)
+    if start + round_k < k:
+      # The round took every entry above its last value t and, of those equal to t (in TopK's order: −0.0 < 0.0),
+      # the ids up to the largest it returned: one elementwise pass, no scatter.
+      round_keys = _order_keys(val)
+      t = round_keys[:, -1:]
+      last = jnp.max(jnp.where(round_keys == t, idx, -1), axis=-1, keepdims=True)
+      key = _order_keys(work)
+      work = jnp.where((key > t) | ((key == t) & (column <= last)), -jnp.inf, work)
+  values, ids = jnp.concatenate(values, axis=-1), jnp.concatenate(ids, axis=-1)
+  exact = jnp.all((values[:, -1] > -jnp.inf) & ~jnp.any(jnp.isnan(values), axis=-1))
+  values, ids = jax.lax.cond(exact, lambda z: (values, ids), lambda z: tuple(jax.lax.top_k(z, k)), z)
+  return values.reshape(*lead, k), ids.reshape(*lead, k)
+
+
 def _order_keys(x: Array) -> Array:
   """int32 keys of float32 ``x`` in XLA:CPU TopK's order: −0.0 < 0.0, NaN above +∞ (the sign-flipped bit pattern)."""
   i = jax.lax.bitcast_convert_type(x, jnp.int32)
