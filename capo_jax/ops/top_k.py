@@ -19,7 +19,9 @@ so that only those candidates matter:
   takes the exact ``top_k`` (``lax.cond``), so the result always equals ``lax.top_k``'s.
 
 Off the CPU backend, or when V is only a few times k, both call ``jax.lax.top_k`` directly (``top_k`` also when
-V > 48·k, where XLA:CPU's partial sort is the cheaper one). The measured costs are in
+V > 48·k, where XLA:CPU's partial sort is the cheaper one). ``top_k_in_rounds`` is ``lax.top_k`` for k > 16 as rounds
+of top-16, for accelerators whose own top-k kernel stops at k = 16 (XLA:GPU sorts whole rows beyond it); which path
+a GPU should take is measured by ``benchmarks/gpu.py``, and none is chosen for it yet. The measured costs are in
 ``docs/PERFORMANCE.md``.
 """
 
