@@ -50,12 +50,12 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import learner_step  # noqa: E402
 from benchmarks import sampler as sampler_bench  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from capo_jax.models import CausalLM, ModelConfig  # noqa: E402
 from capo_jax.ops import chunking  # noqa: E402
 from capo_jax.ops import top_k as top_k_ops  # noqa: E402
@@ -172,8 +172,8 @@ def time_top_k(problem: LearnerProblem, repeats: int, k: int = 50) -> dict:
   at a time (``chunking.auto_chunk``: ≤ 64 MiB of float32 per chunk), times the number of chunks: ``jax.lax.top_k``
   (what the mask runs off the CPU) beside ``top_k_set``'s selection path forced on (elementwise passes only) and
   ``top_k_in_rounds`` (four top-16s). XLA's GPU TopK kernel serves k ≤ 16; for CAPO's k = 50 it sorts the rows,
-  which this row measures. Random normal logits
-  (their order along the vocabulary, which is what a partial sort's cost depends on, is as random as real ones')."""
+  which this row measures. Random normal logits: their order along the vocabulary, which is what a partial sort's
+  cost depends on, is as random as real ones'."""
   vocab = problem.cfg.vocab_size
   _, b, t = problem.batch["tokens"].shape
   rows = b * (t - problem.spec["prompt"])

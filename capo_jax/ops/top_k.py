@@ -131,8 +131,8 @@ def top_k(x: Array, k: int, *, where: Array | None = None, prefilter: bool | Non
   row) by −∞: the k largest entries are all ≥ that bound, so the result is unchanged, and the sort then sees ~k finite
   values. Default: prefilter on the CPU backend when 16·k ≤ V ≤ 48·k (below, the extra passes cost more than the
   sort saves; above, the partial sort's heap is updated so rarely that one plain pass is cheaper — at k = 50:
-  0.72× ``lax.top_k`` at V = 512, 0.96× at 3,072, 2× at 16,384); elsewhere the backend's own TopK. When the order of the k entries does not matter, ``top_k_set`` is faster
-  still.
+  0.72× ``lax.top_k`` at V = 512, 0.96× at 3,072, 2× at 16,384); elsewhere the backend's own TopK. When the order of
+  the k entries does not matter, ``top_k_set`` is faster still.
 
   ``where`` (boolean, ``x.shape[:-1]``): rows whose result is not needed (padding positions). With the prefilter
   their row is all −∞, which XLA:CPU sorts much faster; their result is then ids 0…k−1 with values 0 (finite, so
@@ -160,13 +160,13 @@ def top_k_in_rounds(x: Array, k: int, *, round_k: int = 16) -> tuple[Array, Arra
   """``jax.lax.top_k(x, k)`` over the last axis, bit-identical (values, ids and their order), as ⌈k / round_k⌉ calls
   of ``lax.top_k(·, round_k)``, each on the row with the earlier rounds' entries set to −∞.
 
-  For accelerators: XLA:GPU runs a top-k of k ≤ 16 on rows of ≥ 1,024 entries as one pass of its own kernel, and
-  sorts whole rows for a larger k — CAPO's k = 50 over a vocabulary of 151,936. Each round returns the next
+  For accelerators: XLA:GPU runs a top-k of k ≤ 16 as one pass of its own kernel, and sorts whole rows for a
+  larger k — CAPO's k = 50 over a vocabulary of 151,936. Each round returns the next
   ``round_k`` entries in ``lax.top_k``'s order (value descending, ties by lower id: a tie cut by a round goes on in
   the next one with the higher ids), so the rounds concatenate to ``lax.top_k``'s result whenever the k-th largest
   entry of every row is above −∞; otherwise (fewer than k entries above −∞, or NaN among the k) the whole call
-  takes ``lax.top_k(x, k)`` itself (``lax.cond``). float32 only (others: ``lax.top_k``). Which is faster on a given GPU is measured by
-  ``benchmarks/gpu.py`` (its top-K row); nothing takes this path by default.
+  takes ``lax.top_k(x, k)`` itself (``lax.cond``). float32 only (others: ``lax.top_k``). Which is faster on a given
+  GPU is measured by ``benchmarks/gpu.py`` (its top-K row); nothing takes this path by default.
   """
   v = x.shape[-1]
   if k <= round_k or v <= k or x.dtype != jnp.float32:
