@@ -28,8 +28,10 @@ Sampler part (``--what sampler``): the rollout sampler's two jitted functions (`
 ``_prefill``, which runs the prompts into a fresh KV cache of ``prompt + completion`` slots, repeats it G times and
 draws the first token, and ``_decode``, the ``lax.while_loop`` whose carry, the cache included, is donated, so its
 buffers are those of one decode step plus the carried cache) lowered at full depth with the same float32 abstract
-parameters on the same mesh (``capo_jax.sharding`` shardings, the cache by ``kv_cache_shardings``), and set beside
-the parameters plus the KV cache of the model. The sampler's peak is the larger of the two: the parameters and the
+parameters on the same mesh (the cache by ``kv_cache_shardings``; the parameters in the decoding layout the sampler
+places them in, ``--decode_weights``: "gathered", ``capo_jax.sharding.decode_param_shardings``, split over ``tensor``
+only, its default where it fits; "sharded", the learner's layout), and set beside the parameters (in that layout)
+plus the KV cache of the model. The sampler's peak is the larger of the two: the parameters and the
 cache are alive in both.
 """
 
@@ -208,8 +210,15 @@ def xla_memory(size: str, num_layers: int, mesh_sizes: tuple[int, int, int], wor
   return dict(_totals(analysis), compile_seconds=time.perf_counter() - start)
 
 
+def decode_shardings(params, mesh, decode_weights: str):
+  """The sampler's parameter shardings for ``decode_weights`` ("gathered" or "sharded")."""
+  if decode_weights == "gathered":
+    return sharding.decode_param_shardings(params, mesh)
+  return sharding.param_shardings(params, mesh)
+
+
 def xla_sampler_memory(size: str, mesh_sizes: tuple[int, int, int], work: Workload,
-                       num_samples: int) -> dict[str, dict[str, float]]:
+                       num_samples: int, decode_weights: str = "gathered") -> dict[str, dict[str, float]]:
   """XLA's memory analysis of the sampler's compiled prefill and decode loop (full depth, float32), per device.
 
   ``work.rows`` sampled rows = ``work.rows / num_samples`` prompts of ``work.prompt`` tokens, each sampled
@@ -225,7 +234,7 @@ def xla_sampler_memory(size: str, mesh_sizes: tuple[int, int, int], work: Worklo
   rep = sharding.replicated(mesh)
   prompts = work.rows // num_samples
   rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None), (prompts, work.prompt), mesh))
-  state = sharding.abstract_state(params, sharding.param_shardings(params, mesh))
+  state = sharding.abstract_state(params, decode_shardings(params, mesh, decode_weights))
   tokens = sds((prompts, work.prompt), jnp.int32, sharding=rows)
   key = sds((), jax.eval_shape(jax.random.key, 0).dtype, sharding=rep)
   sampling = sampler_lib.SamplingParams(sds((), jnp.float32, sharding=rep), sds((), jnp.int32, sharding=rep),
@@ -319,17 +328,20 @@ def table(work: Workload, sampler_rows: int) -> None:
             f"{flash / GiB:.1f} | {m['kv_cache'] / GiB:.1f} | {fit} / {fit_flash} |")
 
 
-def compare_sampler(sizes, mesh_sizes, work: Workload, num_samples: int) -> None:
+def compare_sampler(sizes, mesh_sizes, work: Workload, num_samples: int, decode_weights: str = "gathered") -> None:
   """XLA's prefill and decode loop at full depth beside the model's parameters + KV cache at 4 bytes per element."""
   print(f"mesh (data, fsdp, tensor) = {mesh_sizes}, sampler: {work.rows // num_samples} prompts × {num_samples} "
-        f"samples, {work.prompt} prompt + {work.completion} new tokens, float32; GiB per device")
+        f"samples, {work.prompt} prompt + {work.completion} new tokens, float32, weights {decode_weights}; GiB per "
+        "device")
   print(f"{'size':>5} | {'pre args':>8} {'pre temp':>8} {'pre out':>8} {'pre tot':>8} | {'dec args':>8} "
         f"{'dec temp':>8} {'dec tot':>8} | {'peak':>8} | {'params':>8} {'KV':>8} | compile s")
   for size in sizes:
-    at = xla_sampler_memory(size, mesh_sizes, work, num_samples)
+    at = xla_sampler_memory(size, mesh_sizes, work, num_samples, decode_weights)
     pre, dec = at["prefill"], at["decode"]
     total = {k: v["arguments"] + v["temp"] + v["outputs_not_aliased"] for k, v in at.items()}
     model = memory_model(size, mesh_sizes, work, bytes_param=4, bytes_compute=4, sampler_rows=work.rows)
+    _, params = _abstract_params(model_config(size, None, "float32"))
+    model["params"] = sharding.bytes_per_device(params, decode_shardings(params, _mesh(mesh_sizes), decode_weights))
     secs = pre["compile_seconds"] + dec["compile_seconds"]
     print(f"{size:>5} | {_gib(pre['arguments'])} {_gib(pre['temp'])} {_gib(pre['outputs_not_aliased'])} "
           f"{_gib(total['prefill'])} | {_gib(dec['arguments'])} {_gib(dec['temp'])} {_gib(total['decode'])} | "
@@ -352,6 +364,8 @@ def main(argv=None):
   parser.add_argument("--sampler_rows", type=int, default=16, help="sampler rows per data×fsdp shard in the table")
   parser.add_argument("--sampler_check_rows", type=int, default=64, help="sampled rows of the XLA check (whole mesh)")
   parser.add_argument("--group_size", type=int, default=8, help="samples per prompt in the sampler's XLA check")
+  parser.add_argument("--decode_weights", choices=("gathered", "sharded"), default="gathered",
+                      help="the sampler's parameter layout (capo_jax.sampling.sample's weights)")
   parser.add_argument("--size", default=None, help="accepted for benchmarks.run_all; ignored")
   args = parser.parse_args(argv)
   if args.table:
@@ -364,7 +378,8 @@ def main(argv=None):
     if args.what in ("learner", "both"):
       compare(sizes, mesh, layers, Workload(args.rows, args.prompt, args.completion))
     if args.what in ("sampler", "both"):
-      compare_sampler(sizes, mesh, Workload(args.sampler_check_rows, args.prompt, args.completion), args.group_size)
+      compare_sampler(sizes, mesh, Workload(args.sampler_check_rows, args.prompt, args.completion), args.group_size,
+                      args.decode_weights)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import importlib.util
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.sampler", "benchmarks.learner_step", "benchmarks.compile_time", "benchmarks.main_job")
+BENCHMARKS = ("benchmarks.sampler", "benchmarks.sampler_mesh", "benchmarks.learner_step", "benchmarks.compile_time",
+              "benchmarks.main_job")
 
 
 def main() -> int:

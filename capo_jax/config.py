@@ -415,16 +415,23 @@ class MeshConfig:
   """The device mesh (``capo_jax.sharding.make_mesh``, docs/SCALING.md): sizes of the axes ``data`` (replicas: batch
   rows, parameters replicated), ``fsdp`` (batch rows, parameters and optimizer state sharded) and ``tensor`` (heads,
   MLP width and vocabulary sharded). One axis may be -1: the devices left over. The default puts every device on
-  ``data``."""
+  ``data``.
+
+  ``decode_weights``: the parameters' layout while the sampler decodes (rollouts and evaluation;
+  ``capo_jax.sampling.sample``'s ``weights``): "gathered" (split over ``tensor`` only, the ``fsdp`` shards gathered
+  once per call), "sharded" (the learner's layout, every weight gathered again at each decode step) or "auto"
+  (gathered when it takes at most a quarter of a device's memory)."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  decode_weights: str = "auto"
 
   def __post_init__(self):
     for name in MESH_AXES:
       value = getattr(self, name)
       if not _is_int(value) or (value < 1 and value != -1):
         raise ConfigError(f"MeshConfig.{name} must be an integer ≥ 1 or -1 (the devices left over), got {value!r}.")
+    check_choice("MeshConfig", "decode_weights", self.decode_weights, ("auto", "gathered", "sharded"))
     if sum(getattr(self, name) == -1 for name in MESH_AXES) > 1:
       raise ConfigError(f"MeshConfig: at most one axis may be -1, got data={self.data}, fsdp={self.fsdp}, "
                         f"tensor={self.tensor}; give the others explicit sizes.")

@@ -36,7 +36,8 @@ def decode(tokenizer, tokens_rn, mask_rn) -> list[str]:
 
 def sample_completions(graphdef, params, tokenizer, tokens_pl, mask_pl, key: jax.Array, *, num_samples: int,
                        temperature: float, top_p: float, max_new_tokens: int,
-                       stop_ids: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None) -> list[str]:
+                       stop_ids: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None,
+                       decode_weights: str = "auto") -> list[str]:
   """The P·n decoded completions of P left-padded prompts, prompt-major (text ``p·n + j`` is sample j of prompt p).
 
   Args:
@@ -49,10 +50,12 @@ def sample_completions(graphdef, params, tokenizer, tokens_pl, mask_pl, key: jax
     max_new_tokens: the completion budget N.
     stop_ids: the ids that end a completion; default the tokenizer's eos.
     mesh: sample on this mesh (``capo_jax.sampling.sample``); every process gets every completion.
+    decode_weights: the parameters' layout on ``mesh`` while decoding (``capo_jax.sampling.sample``'s ``weights``).
   """
   stop_ids = [tokenizer.eos_token_id] if stop_ids is None else list(stop_ids)
   out = sample(graphdef, params, tokens_pl, mask_pl, key, max_new_tokens=max_new_tokens, num_samples=num_samples,
-               temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh)
+               temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
+               weights=decode_weights)
   return decode(tokenizer, out.completion_tokens, out.completion_mask)
 
 
@@ -122,8 +125,9 @@ class Evaluator:
   """
 
   def __init__(self, task: Any, tokenizer, cfg: EvalConfig, *, max_prompt_length: int, max_new_tokens: int,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, decode_weights: str = "auto"):
     self.task, self.tokenizer, self.cfg, self.mesh = task, tokenizer, cfg, mesh
+    self.decode_weights = decode_weights
     self.max_new_tokens = max_new_tokens
     self.problems = list(task.eval_problems(cfg.num_problems))
     if not self.problems:
@@ -135,7 +139,7 @@ class Evaluator:
     """``[num_problems, num_samples]`` rewards of sampled completions."""
     texts = sample_completions(graphdef, params, self.tokenizer, self.tokens, self.mask, key, num_samples=num_samples,
                                temperature=temperature, top_p=top_p, max_new_tokens=self.max_new_tokens,
-                               mesh=self.mesh)
+                               mesh=self.mesh, decode_weights=self.decode_weights)
     problems = [p for p in self.problems for _ in range(num_samples)]
     rewards = np.asarray(self.task.score(texts, problems), np.float64)
     return rewards.reshape(len(self.problems), num_samples)

@@ -91,8 +91,10 @@ class Rollout:
   over the batch (reference log-probs, filtered mass; ``capo_jax.learner.completion_hidden``)."""
 
   def __init__(self, graphdef: nnx.GraphDef, task: Any, tokenizer, rollout: RolloutConfig, loss: LossConfig, *,
-               track_kl: bool = True, mesh: jax.sharding.Mesh | None = None, prompt_group_size: int = 1):
+               track_kl: bool = True, mesh: jax.sharding.Mesh | None = None, prompt_group_size: int = 1,
+               decode_weights: str = "auto"):
     self.graphdef, self.task, self.tokenizer, self.cfg, self.mesh = graphdef, task, tokenizer, rollout, mesh
+    self.decode_weights = decode_weights
     self.with_reference = loss.kl_coef > 0 or track_kl
     n_new, temperature = rollout.max_new_tokens, rollout.temperature
     self._reference_logprobs = jax.jit(lambda ref_params, tokens, mask: learner.completion_logprobs(
@@ -111,7 +113,7 @@ class Rollout:
     p_tokens, p_mask = pad_prompts(prompts, pad_id=tok.pad_token_id, max_length=cfg.max_prompt_length)
     out = sample(self.graphdef, params, p_tokens, p_mask, key, max_new_tokens=cfg.max_new_tokens,
                  num_samples=cfg.group_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, mesh=self.mesh)
+                 stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, mesh=self.mesh, weights=self.decode_weights)
     completion_mask = sharding.to_host(out.completion_mask)
     num_rows = len(completion_mask)
     # This process's rows: every row on one process; with several, each scores its own (whole groups).

@@ -66,6 +66,11 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
 }
 
+# The weights' layout while decoding (``decode_param_shardings``): the ``embed`` axis that ``fsdp`` splits for the
+# learner is kept whole, so a decode step gathers no weight; heads, MLP width and the vocabulary stay split over
+# ``tensor``. The sampler moves the weights into it once per call (docs/SCALING.md, "The sampler's weights").
+DECODE_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {**LOGICAL_AXIS_RULES, "embed": None}
+
 # (regular expression searched in the "/"-joined parameter path, logical axes of the leaf). First match wins; the
 # expressions are anchored at the end, so an optimizer-state leaf (``…/mu/layers/self_attn/q_proj/kernel``) matches
 # the rule of its parameter.
@@ -192,19 +197,21 @@ def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
   return int(np.prod([mesh.shape[name] for name in names]))
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-  """``PartitionSpec`` of an array of ``shape`` with logical ``axes``: each logical axis → its mesh axes
-  (``LOGICAL_AXIS_RULES``), replicated where those mesh axes do not divide the dimension or are already used by an
-  earlier dimension."""
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, str | tuple[str, ...] | None] | None = None) -> P:
+  """``PartitionSpec`` of an array of ``shape`` with logical ``axes``: each logical axis → its mesh axes (``rules``,
+  default ``LOGICAL_AXIS_RULES``), replicated where those mesh axes do not divide the dimension or are already used by
+  an earlier dimension."""
+  rules = LOGICAL_AXIS_RULES if rules is None else rules
   if len(axes) != len(shape):
     raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for an array of rank {len(shape)} "
                      f"(shape {tuple(shape)}).")
   used: set[str] = set()
   spec = []
   for name, size in zip(axes, shape):
-    if name is not None and name not in LOGICAL_AXIS_RULES:
-      raise ValueError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}.")
-    mesh_axes = None if name is None else LOGICAL_AXIS_RULES[name]
+    if name is not None and name not in rules:
+      raise ValueError(f"unknown logical axis {name!r}; known: {sorted(rules)}.")
+    mesh_axes = None if name is None else rules[name]
     names = () if mesh_axes is None else ((mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes))
     names = tuple(n for n in names if n in mesh.shape and n not in used)
     if not names or size % _mesh_axis_size(mesh, names) or _mesh_axis_size(mesh, names) == 1:
@@ -215,8 +222,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return P(*spec)
 
 
-def param_specs(params: PyTree, mesh: Mesh) -> PyTree:
-  """The ``PartitionSpec`` of every parameter (a tree like ``params``: arrays or ``ShapeDtypeStruct``s).
+def param_specs(params: PyTree, mesh: Mesh, rules: dict[str, str | tuple[str, ...] | None] | None = None) -> PyTree:
+  """The ``PartitionSpec`` of every parameter (a tree like ``params``: arrays or ``ShapeDtypeStruct``s); ``rules``:
+  the logical → mesh axes (default ``LOGICAL_AXIS_RULES``, the learner's layout).
 
   Raises:
     ValueError: a parameter no rule of ``PARAM_RULES`` covers, or one whose rank differs from its rule's (the
@@ -232,15 +240,72 @@ def param_specs(params: PyTree, mesh: Mesh) -> PyTree:
     if len(axes) != len(leaf.shape):
       raise ValueError(f"parameter {name} has shape {tuple(leaf.shape)} but its rule gives {len(axes)} logical axes "
                        f"{axes}; fix its entry in capo_jax.sharding.PARAM_RULES.")
-    return logical_to_spec(axes, leaf.shape, mesh)
+    return logical_to_spec(axes, leaf.shape, mesh, rules)
 
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+def param_shardings(params: PyTree, mesh: Mesh,
+                    rules: dict[str, str | tuple[str, ...] | None] | None = None) -> PyTree:
   """``NamedSharding`` of every parameter (``param_specs`` on ``mesh``)."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh),
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, rules),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def decode_param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+  """The parameters' layout for decoding (``DECODE_AXIS_RULES``): split over ``tensor`` only, whole on every device
+  of the ``data`` and ``fsdp`` axes. The learner's layout splits each weight over ``fsdp`` too, and a decode step on
+  it gathers every weight again for each generated token; in this one the sampler gathers them once per call."""
+  return param_shardings(params, mesh, DECODE_AXIS_RULES)
+
+
+def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
+  """The bytes one device holds of ``tree`` (arrays or ``ShapeDtypeStruct``s) placed by ``shardings``."""
+
+  def one(leaf, sharding):
+    shard = sharding.shard_shape(tuple(leaf.shape))
+    return int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+  return int(sum(jax.tree.leaves(jax.tree.map(one, tree, shardings))))
+
+
+# ``sample(..., weights="auto")`` gathers the weights for decoding when they take at most this share of a device's
+# memory (``Device.memory_stats()["bytes_limit"]``): the learner's parameters, optimizer state and batch share it.
+GATHER_FOR_DECODING_MAX_SHARE = 0.25
+
+
+def decode_weights_layout(params: PyTree, mesh: Mesh, weights: str = "auto") -> str:
+  """``"gathered"`` or ``"sharded"``: the layout the sampler decodes with on ``mesh`` for a ``weights`` setting.
+
+  ``"gathered"`` (``decode_param_shardings``) or ``"sharded"`` (the learner's ``param_shardings``) are returned as
+  given; ``"auto"`` is ``"gathered"`` when the mesh has no ``fsdp`` split (the two layouts are then the same), or when
+  the gathered weights fit in ``GATHER_FOR_DECODING_MAX_SHARE`` of the smallest device memory the mesh's local
+  devices report (a device that reports none, e.g. the CPU, counts as fitting); otherwise ``"sharded"``.
+
+  Raises:
+    ValueError: ``weights`` is not one of "auto", "gathered", "sharded".
+  """
+  if weights not in ("auto", "gathered", "sharded"):
+    raise ValueError(f"weights must be 'auto', 'gathered' or 'sharded', got {weights!r}.")
+  if weights != "auto":
+    return weights
+  if mesh.shape.get("fsdp", 1) == 1:
+    return "gathered"
+  limit = device_memory_limit(mesh)
+  if limit is None:
+    return "gathered"
+  need = bytes_per_device(params, decode_param_shardings(params, mesh))
+  return "gathered" if need <= GATHER_FOR_DECODING_MAX_SHARE * limit else "sharded"
+
+
+def device_memory_limit(mesh: Mesh) -> int | None:
+  """The smallest ``memory_stats()["bytes_limit"]`` of the mesh's local devices; None when none reports one (CPU)."""
+  limits = []
+  for device in mesh.local_devices:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+      limits.append(int(stats["bytes_limit"]))
+  return min(limits) if limits else None
 
 
 def state_shardings(tree: PyTree, mesh: Mesh) -> PyTree:

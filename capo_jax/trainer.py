@@ -435,9 +435,9 @@ def train(cfg: TrainConfig, workdir: str, *, config_text: str = "", fingerprint:
   optimizer, capo = components.build_optimizer(cfg, logits_fn)
   learner_step = components.make_learner_step(cfg, graphdef, optimizer, capo)
   rollout = Rollout(graphdef, task, tokenizer, cfg.rollout, cfg.loss, track_kl=cfg.loss.track_kl, mesh=mesh,
-                    prompt_group_size=group)
+                    prompt_group_size=group, decode_weights=cfg.mesh.decode_weights)
   evaluator = Evaluator(task, tokenizer, cfg.eval, max_prompt_length=cfg.rollout.max_prompt_length,
-                        max_new_tokens=cfg.rollout.max_new_tokens, mesh=mesh)
+                        max_new_tokens=cfg.rollout.max_new_tokens, mesh=mesh, decode_weights=cfg.mesh.decode_weights)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.num_steps)
 
   key, step0 = jax.random.PRNGKey(cfg.seed), jnp.zeros((), jnp.int32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import tempfile
 import time
@@ -216,16 +217,52 @@ def sampler_checks(out: dict, keep: dict) -> None:
   key = jax.random.key(7)
   kwargs = dict(max_new_tokens=8, num_samples=2, temperature=1.0, stop_ids=(), pad_id=0)
   want = sample(graphdef, state, prompts, mask, key, **kwargs)
-  for shape in ((2, 2, 2),):
+  for shape in ((2, 2, 2), (1, 8, 1)):
     mesh = _mesh(shape)
-    got = sample(graphdef, sharding.shard_params(state, mesh), prompts, mask, key, mesh=mesh, **kwargs)
-    out[f"sampler/{shape}/tokens_equal"] = bool(np.array_equal(got.completion_tokens, want.completion_tokens))
-    out[f"sampler/{shape}/logprobs"] = _max_diff(got.logprobs, want.logprobs)
-    out[f"sampler/{shape}/tokens_spec"] = str(got.completion_tokens.sharding.spec)
+    placed = sharding.shard_params(state, mesh)  # the learner's layout, as the trainer holds the policy
+    for weights in ("gathered", "sharded"):
+      got = sample(graphdef, placed, prompts, mask, key, mesh=mesh, weights=weights, **kwargs)
+      name = f"sampler/{shape}/{weights}"
+      out[f"{name}/tokens_equal"] = bool(np.array_equal(got.completion_tokens, want.completion_tokens))
+      out[f"{name}/logprobs"] = _max_diff(got.logprobs, want.logprobs)
+      out[f"{name}/tokens_spec"] = str(got.completion_tokens.sharding.spec)
+      out[f"{name}/decode_all_gathers"] = _decode_all_gathers(graphdef, placed, prompts, mask, key, mesh, weights)
+  # "auto": gathered when the gathered weights fit a quarter of the device memory, else the learner's layout.
+  mesh = _mesh((1, 8, 1))
+  need = sharding.bytes_per_device(state, sharding.decode_param_shardings(state, mesh))
+  out["sampler/gathered_bytes_per_device"] = need
+  out["sampler/sharded_bytes_per_device"] = sharding.bytes_per_device(state, sharding.param_shardings(state, mesh))
+  out["sampler/auto_on_cpu"] = sharding.decode_weights_layout(state, mesh)
+  real_limit = sharding.device_memory_limit
+  try:
+    for name, limit in (("fits", 4 * need), ("too_big", 4 * need - 1)):
+      sharding.device_memory_limit = lambda _, limit=limit: limit
+      out[f"sampler/auto_{name}"] = sharding.decode_weights_layout(state, mesh)
+  finally:
+    sharding.device_memory_limit = real_limit
   # The cache of a (2, 2, 2) mesh: rows over data × fsdp, the two key/value heads over tensor.
   mesh = _mesh((2, 2, 2))
   cache = CausalLM(MODEL, rngs=nnx.Rngs(3)).init_cache(8, 16)
   out["sampler/kv_cache_spec"] = str(sharding.kv_cache_shardings(cache, mesh).k.spec)
+
+
+def _decode_all_gathers(graphdef, state, prompts, mask, key, mesh, weights) -> list[int]:
+  """The element counts of the all-gathers in the compiled decode loop of ``sample`` on ``mesh`` (per device)."""
+  from capo_jax.sampling import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
+  placed = jax.device_put(state, sampler_lib.decoding_shardings(state, mesh, weights))
+  params = sampler_lib.SamplingParams.create(1.0, 0, 1.0)
+  stop_ids = sampler_lib._stop_ids_array((), prompts.shape[0], 2)  # pylint: disable=protected-access
+  rows = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), prompts.shape, mesh))
+  prompts, mask = jax.device_put((jnp.asarray(prompts), jnp.asarray(mask)), rows)
+  with jax.set_mesh(mesh):
+    state0 = sampler_lib._prefill(graphdef, placed, prompts, mask, key, params, stop_ids, jnp.int32(0),  # pylint: disable=protected-access
+                                  num_samples=2, max_new_tokens=8, cache_dtype=None, mesh=mesh)
+    text = sampler_lib._decode.lower(graphdef, placed, state0, params, stop_ids, jnp.int32(0),  # pylint: disable=protected-access
+                                     mesh=mesh).compile().as_text()
+  sizes = []
+  for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", text):
+    sizes.append(int(np.prod([int(d) for d in shape.split(",") if d])))
+  return sizes
 
 
 def hf_load_checks(out: dict, keep: dict) -> None:

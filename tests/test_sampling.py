@@ -322,6 +322,8 @@ def test_bad_input_raises_clear_errors():
       sample(graphdef, state, tokens, mask, key, max_new_tokens=2, temperature=bad)
   with pytest.raises(ValueError, match="cache_dtype must be None"):
     sample(graphdef, state, tokens, mask, key, max_new_tokens=2, cache_dtype="int8")
+  with pytest.raises(ValueError, match="weights must be 'auto', 'gathered' or 'sharded', got 'replicated'"):
+    sample(graphdef, state, tokens, mask, key, max_new_tokens=2, weights="replicated")
 
 
 def test_pad_prompts_buckets():

@@ -33,6 +33,11 @@ from capo_jax.models import CausalLM, ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)")
 TOLERANCE = 1e-5  # float32, one device vs a mesh: only the summation order differs
+# tests/sharding_worker.py's MODEL (V = 64, H = 32, F = 64, 2 layers, 4 heads and 2 key/value heads of width 8, untied):
+# per layer q 32·32 + 32, k and v 32·16 + 16 each, o 32·32, gate/up/down 3·32·64, two norms 2·32 → 9,344; embedding
+# and lm_head 2·64·32, final norm 32.
+MODEL_LAYERS = 2
+MODEL_PARAMETERS = MODEL_LAYERS * 9344 + 2 * 64 * 32 + 32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,6 +56,9 @@ def test_mesh_config_resolves_the_free_axis_and_rejects_bad_sizes():
     cfg_lib.MeshConfig(tensor=3).axis_sizes(8)
   with pytest.raises(cfg_lib.ConfigError, match="data × fsdp × tensor = 4 but there are 8 devices"):
     cfg_lib.MeshConfig(data=2, fsdp=2, tensor=1).axis_sizes(8)
+  with pytest.raises(cfg_lib.ConfigError, match=r"MeshConfig.decode_weights must be one of \['auto', 'gathered', "
+                     r"'sharded'\], got 'replicated'"):
+    cfg_lib.MeshConfig(decode_weights="replicated")
 
 
 def test_make_mesh_on_this_process_uses_auto_axes():
@@ -249,11 +257,36 @@ def test_top_k_of_a_vocabulary_split_array_is_the_global_top_k(mesh_results, mes
   assert mesh_results[f"{key}/vocab_parallel_exact"]  # per-shard top-K + merge: values, ids and order
 
 
-def test_sampling_on_a_mesh_gives_the_unsharded_tokens(mesh_results):
-  assert mesh_results["sampler/(2, 2, 2)/tokens_equal"]
-  assert mesh_results["sampler/(2, 2, 2)/logprobs"] <= TOLERANCE
-  assert mesh_results["sampler/(2, 2, 2)/tokens_spec"] == "P(('data', 'fsdp'),)"
+@pytest.mark.parametrize("mesh", ["(2, 2, 2)", "(1, 8, 1)"])
+@pytest.mark.parametrize("weights", ["gathered", "sharded"])
+def test_sampling_on_a_mesh_gives_the_unsharded_tokens(mesh_results, mesh, weights):
+  name = f"sampler/{mesh}/{weights}"
+  assert mesh_results[f"{name}/tokens_equal"]
+  assert mesh_results[f"{name}/logprobs"] <= TOLERANCE
+  assert mesh_results[f"{name}/tokens_spec"] == ("P('fsdp',)" if mesh == "(1, 8, 1)" else "P(('data', 'fsdp'),)")
   assert mesh_results["sampler/kv_cache_spec"] == "P(None, ('data', 'fsdp'), None, 'tensor', None)"
+
+
+def test_decoding_with_gathered_weights_gathers_no_weight_per_step(mesh_results):
+  # The learner's layout splits every weight over fsdp, so each decode step gathers them again: on (1, 8, 1) the
+  # decode loop all-gathers at least the hidden × hidden attention kernels (32 × 32 here).
+  sharded = mesh_results["sampler/(1, 8, 1)/sharded/decode_all_gathers"]
+  assert len(sharded) >= 2 * MODEL_LAYERS and max(sharded) >= 32 * 32
+  # Gathered once per call: the decode loop has no all-gather at all on (1, 8, 1), and on (2, 2, 2) only the
+  # tensor-split activations' (at most the 4 rows per data × fsdp shard × 64 vocabulary logits).
+  assert mesh_results["sampler/(1, 8, 1)/gathered/decode_all_gathers"] == []
+  assert max(mesh_results["sampler/(2, 2, 2)/gathered/decode_all_gathers"], default=0) <= 4 * 64
+  assert max(mesh_results["sampler/(2, 2, 2)/sharded/decode_all_gathers"]) > 4 * 64
+
+
+def test_auto_decode_weights_gather_when_they_fit_a_quarter_of_the_device(mesh_results):
+  # The test model's float32 weights: all of them on each device when gathered, 1/8 of the fsdp-split ones otherwise.
+  gathered, sharded = mesh_results["sampler/gathered_bytes_per_device"], mesh_results["sampler/sharded_bytes_per_device"]
+  assert gathered == 4 * MODEL_PARAMETERS
+  assert sharded < gathered / 4
+  assert mesh_results["sampler/auto_on_cpu"] == "gathered"  # the CPU reports no memory limit
+  assert mesh_results["sampler/auto_fits"] == "gathered"
+  assert mesh_results["sampler/auto_too_big"] == "sharded"
 
 
 def test_an_hf_folder_loads_straight_onto_the_mesh(mesh_results):

@@ -31,8 +31,10 @@ cache of a float32 model; keys/values are rounded once when written and attentio
 It has exactly ``L_p + N`` slots, so decoding never runs past it; the model itself rejects writes past a full cache
 (``capo_jax.models.CausalLM``).
 
-On a device mesh (``mesh=``, a ``capo_jax.sharding.make_mesh``): the parameters are placed by
-``capo_jax.sharding.param_shardings``, the prompt rows and every per-row array of the decode state over
+On a device mesh (``mesh=``, a ``capo_jax.sharding.make_mesh``): the parameters are placed once per call in the
+decoding layout (``weights``: by default ``capo_jax.sharding.decode_param_shardings``, split over ``tensor`` only, so
+that no decode step gathers a weight; the learner's ``fsdp``-split layout when they would not fit, see
+``capo_jax.sharding.decode_weights_layout``), the prompt rows and every per-row array of the decode state over
 ``data × fsdp``, and the KV cache [L, R, S, K, D] by ``capo_jax.sharding.kv_cache_shardings`` (rows over
 ``data × fsdp``, key/value heads over ``tensor``), pinned with ``with_sharding_constraint`` in the prefill and in every
 decode step; both are traced under ``jax.set_mesh(mesh)`` (the model's own activation hints). The tokens are those of
@@ -279,6 +281,7 @@ def sample(
     pad_id: int = 0,
     cache_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    weights: str = "auto",
 ) -> SampleOutput:
   """Samples ``num_samples`` (G) completions for each left-padded prompt with a KV cache.
 
@@ -298,13 +301,17 @@ def sample(
     cache_dtype: dtype of the KV cache ("float32" | "bfloat16" | "float16"; static); None: the model's compute dtype.
       Equal to the compute dtype it changes nothing.
     mesh: a ``capo_jax.sharding.make_mesh`` mesh to sample on (module docstring); None: wherever ``state`` lives.
+    weights: the parameters' layout on ``mesh`` while decoding: "gathered" (split over ``tensor`` only: one gather
+      of the ``fsdp`` shards per call), "sharded" (the learner's layout: every decode step gathers each weight of
+      the ``fsdp`` split) or "auto" (gathered when that fits, ``capo_jax.sharding.decode_weights_layout``). The
+      tokens and log-probs are the same in both.
 
   Returns:
     :class:`SampleOutput` with R = P·G rows.
 
   Raises:
     ValueError: bad lengths, prompts (not left-padded, empty rows, ids out of range), temperature (NaN, infinite or
-      negative), top_p, stop_ids, pad_id or cache_dtype, each named in the message.
+      negative), top_p, stop_ids, pad_id, cache_dtype or weights, each named in the message.
   """
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
@@ -326,11 +333,13 @@ def sample(
       raise ValueError(f"cache_dtype must be None (the model's compute dtype) or one of {_CACHE_DTYPES}, got "
                        f"{cache_dtype!r}.")
     cache_dtype = name
+  if weights not in ("auto", "gathered", "sharded"):
+    raise ValueError(f"weights must be 'auto', 'gathered' or 'sharded', got {weights!r}.")
   stop_ids_re = _stop_ids_array(stop_ids, prompt_tokens.shape[0], num_samples)
   pad = jnp.asarray(pad_id, jnp.int32)
   prompt_tokens, prompt_mask = prompt_tokens.astype(jnp.int32), prompt_mask.astype(jnp.int32)
   if mesh is not None:
-    state = jax.device_put(state, sharding_lib.param_shardings(state, mesh))
+    state = jax.device_put(state, decoding_shardings(state, mesh, weights))
     rows = jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", None), prompt_tokens.shape, mesh))
     prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), rows)
   with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # the model's activation hints
@@ -345,6 +354,14 @@ def sample(
       prompt_mask=jnp.repeat(prompt_mask.astype(jnp.int32), num_samples, axis=0),
       num_steps=decode_state.step,
   )
+
+
+def decoding_shardings(state: nnx.State, mesh: jax.sharding.Mesh, weights: str = "auto"):
+  """The shardings :func:`sample` places ``state`` by on ``mesh`` for a ``weights`` setting ("auto", "gathered",
+  "sharded"; ``capo_jax.sharding.decode_weights_layout``)."""
+  if sharding_lib.decode_weights_layout(state, mesh, weights) == "gathered":
+    return sharding_lib.decode_param_shardings(state, mesh)
+  return sharding_lib.param_shardings(state, mesh)
 
 
 def _vocab_size(graphdef: nnx.GraphDef, state: nnx.State) -> int:
@@ -362,7 +379,7 @@ class Sampler:
 
   def __init__(self, model_or_graphdef, state: nnx.State | None = None, *, pad_id: int = 0,
                stop_ids: Sequence[int] | None = None, cache_dtype: str | None = None,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, weights: str = "auto"):
     if state is None:
       graphdef, state = nnx.split(model_or_graphdef)
     else:
@@ -372,6 +389,7 @@ class Sampler:
     self.stop_ids = stop_ids
     self.cache_dtype = cache_dtype
     self.mesh = mesh
+    self.weights = weights
 
   def update_state(self, state: nnx.State) -> None:
     self.state = state
@@ -386,6 +404,7 @@ class Sampler:
         pad_id=self.pad_id if pad_id is None else pad_id,
         cache_dtype=self.cache_dtype,
         mesh=self.mesh,
+        weights=self.weights,
     )
 
 
