@@ -39,8 +39,9 @@ Memory: the per-token direction is K×H. It is never materialised for the whole 
 O(chunk_size·K·H) (about six buffers of that size: gathered m, s rows, g, m', s', d); SGD needs no gather and is
 O(N·K) in closed form. Sentence/global granularities add one dense [V,H] accumulator per row in flight.
 
-The top-K itself is ``capo_jax.ops.top_k.top_k_set`` (re-exported here with ``top_k``), and the logits of
-``top_k_policy_from_hidden`` are formed per time chunk by ``capo_jax.ops.chunking``.
+The top-K itself is ``capo_jax.ops.top_k.top_k_set`` (re-exported here with ``top_k``), or on a mesh whose ``tensor``
+axis splits the vocabulary ``capo_jax.sharding.vocab_parallel_top_k``; the logits of ``top_k_policy_from_hidden`` are
+formed per time chunk by ``capo_jax.ops.chunking``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from capo_jax import sharding
 from capo_jax import validation
 from capo_jax.ops import chunking
 from capo_jax.ops import top_k as top_k_ops
@@ -273,7 +275,10 @@ def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: f
 
   ``logits_btv[:, t]`` must be the distribution that sampled ``tokens_bt[:, t]`` (already shifted). The top-K is
   ``capo_jax.ops.top_k.top_k_set``: the same K (logit, id) pairs as ``jax.lax.top_k``, in an unspecified order along K
-  (ascending id on CPU) — every statistic is a sum over the K. ``valid_bt``: positions whose policy is needed
+  (ascending id on CPU) — every statistic is a sum over the K. Traced on a mesh whose ``tensor`` axis splits the
+  vocabulary (``jax.set_mesh``, as the trainer's learner step is), it is ``capo_jax.sharding.vocab_parallel_top_k``
+  instead (``lax.top_k``'s result from each shard's own top-K and one gather of T·K candidates, where XLA's
+  partitioning of a plain top-K gathers the whole rows). ``valid_bt``: positions whose policy is needed
   (completion tokens); elsewhere the result may be a placeholder (ids 0…K−1, logits 0).
   """
   chex.assert_rank([logits_btv, tokens_bt], [3, 2])
@@ -281,7 +286,11 @@ def top_k_policy(logits_btv: Array, tokens_bt: Array, top_k: int, temperature: f
   validation.check_top_k(top_k, logits_btv.shape[-1])
   dtype = _compute_dtype(logits_btv)
   where = None if valid_bt is None else valid_bt > 0
-  top_logits_btk, ids_btk = top_k_ops.top_k_set(logits_btv.astype(dtype), top_k, where=where)
+  mesh = sharding.vocab_split_mesh(logits_btv.shape[-1], top_k)
+  if mesh is None:
+    top_logits_btk, ids_btk = top_k_ops.top_k_set(logits_btv.astype(dtype), top_k, where=where)
+  else:  # traced on a mesh whose tensor axis splits the vocabulary: per-shard top-K, one gather of T·K candidates
+    top_logits_btk, ids_btk = sharding.vocab_parallel_top_k(logits_btv.astype(dtype), top_k, mesh)
   probs_btk = jax.nn.softmax(top_logits_btk / temperature, axis=-1)
   onehot_btk = (ids_btk == tokens_bt[..., None]).astype(dtype)
   return TopKPolicy(ids_btk.astype(jnp.int32), probs_btk, onehot_btk)

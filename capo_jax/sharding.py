@@ -39,6 +39,7 @@ with ``jax.shard_map``: ``vocab_parallel_top_k`` (per-shard top-K, then a merge 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -279,8 +280,9 @@ def decode_weights_layout(params: PyTree, mesh: Mesh, weights: str = "auto") -> 
 
   ``"gathered"`` (``decode_param_shardings``) or ``"sharded"`` (the learner's ``param_shardings``) are returned as
   given; ``"auto"`` is ``"gathered"`` when the mesh has no ``fsdp`` split (the two layouts are then the same), or when
-  the gathered weights fit in ``GATHER_FOR_DECODING_MAX_SHARE`` of the smallest device memory the mesh's local
-  devices report (a device that reports none, e.g. the CPU, counts as fitting); otherwise ``"sharded"``.
+  the gathered weights fit in ``GATHER_FOR_DECODING_MAX_SHARE`` of the smallest device memory the mesh's devices
+  report (``device_memory_limit``, the same on every process; devices that report none, e.g. the CPU, count as
+  fitting); otherwise ``"sharded"``.
 
   Raises:
     ValueError: ``weights`` is not one of "auto", "gathered", "sharded".
@@ -298,14 +300,24 @@ def decode_weights_layout(params: PyTree, mesh: Mesh, weights: str = "auto") -> 
   return "gathered" if need <= GATHER_FOR_DECODING_MAX_SHARE * limit else "sharded"
 
 
+@functools.lru_cache(maxsize=None)
 def device_memory_limit(mesh: Mesh) -> int | None:
-  """The smallest ``memory_stats()["bytes_limit"]`` of the mesh's local devices; None when none reports one (CPU)."""
+  """The smallest ``memory_stats()["bytes_limit"]`` of the mesh's devices; None when none reports one (CPU).
+
+  With several processes each reads its local devices and the smallest is agreed on by one gather of a number, so that
+  every process picks the same decoding layout (once per mesh: the result is cached)."""
   limits = []
   for device in mesh.local_devices:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
       limits.append(int(stats["bytes_limit"]))
-  return min(limits) if limits else None
+  local = min(limits) if limits else -1
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    every = np.asarray(multihost_utils.process_allgather(np.asarray([local], np.int64))).reshape(-1)
+    reported = every[every > 0]
+    return int(reported.min()) if reported.size else None
+  return local if local > 0 else None
 
 
 def state_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -550,6 +562,19 @@ def _split_leading(mesh: Mesh, shape: Sequence[int], batch_axes: tuple[str, ...]
   if not names or not shape or shape[0] % _mesh_axis_size(mesh, names):
     return None
   return names
+
+
+def vocab_split_mesh(vocab: int, k: int, *, vocab_axis: str = "tensor"):
+  """The mesh being traced under (``jax.set_mesh``) when its ``vocab_axis`` splits a vocabulary of ``vocab`` entries
+  in a way ``vocab_parallel_top_k`` takes (more than one shard, dividing V, k ≤ V / shards), else None (no mesh, no
+  such axis, or the rules keep V whole)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or vocab_axis not in mesh.axis_names:
+    return None
+  parts = mesh.shape[vocab_axis]
+  if parts <= 1 or vocab % parts or not 0 < k <= vocab // parts:
+    return None
+  return mesh
 
 
 def vocab_parallel_top_k(logits: jax.Array, k: int, mesh: Mesh, *, vocab_axis: str = "tensor",

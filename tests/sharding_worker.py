@@ -106,6 +106,13 @@ def _step_with_mask(graphdef, cfg: cfg_lib.TrainConfig):
   return optimizer, fn
 
 
+def _whole_row_all_gathers(step, args) -> int:
+  """How many all-gathers in the compiled ``step`` produce arrays whose last axis is the whole vocabulary."""
+  text = step.lower(*args).compile().as_text()
+  shapes = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", text)
+  return sum(1 for shape in shapes if shape.split(",")[-1] == str(MODEL.vocab_size))
+
+
 def learner_checks(out: dict, keep: dict) -> None:
   """GRPO and CAPO: two learner steps from the same initial state (CAPO's first with the SGD fallback direction,
   its second with the moved Adam moments) on every mesh vs one device."""
@@ -142,6 +149,17 @@ def learner_checks(out: dict, keep: dict) -> None:
       b = sharding.shard_batch(batch, mesh)
       step = sharding.jit_learner_step(fn, mesh, p, o, b)
       keep[key] = step
+      if name == "capo" and shape == (2, 2, 2):
+        # CAPO's top-K of the vocabulary-split logits: all-gathers of whole [.., V] rows, with the per-shard top-K
+        # (the default on a mesh whose tensor axis splits V) and with a plain top-K on the same mesh.
+        out[f"{key}/whole_row_all_gathers"] = _whole_row_all_gathers(step, (p, o, b))
+        real = sharding.vocab_split_mesh
+        sharding.vocab_split_mesh = lambda *a, **k: None
+        try:
+          plain = sharding.jit_learner_step(lambda *a: fn(*a), mesh, p, o, b)  # a new function: traced anew
+          out[f"{key}/whole_row_all_gathers_plain_top_k"] = _whole_row_all_gathers(plain, (p, o, b))
+        finally:
+          sharding.vocab_split_mesh = real
       diffs = {"loss": 0.0, "params": 0.0, "metrics": 0.0, "mask": 0.0}
       for i, (want_params, want_metrics) in enumerate(ref):
         if i == 1:
@@ -248,17 +266,18 @@ def sampler_checks(out: dict, keep: dict) -> None:
 
 def _decode_all_gathers(graphdef, state, prompts, mask, key, mesh, weights) -> list[int]:
   """The element counts of the all-gathers in the compiled decode loop of ``sample`` on ``mesh`` (per device)."""
+  # pylint: disable=protected-access
   from capo_jax.sampling import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
   placed = jax.device_put(state, sampler_lib.decoding_shardings(state, mesh, weights))
   params = sampler_lib.SamplingParams.create(1.0, 0, 1.0)
-  stop_ids = sampler_lib._stop_ids_array((), prompts.shape[0], 2)  # pylint: disable=protected-access
+  stop_ids = sampler_lib._stop_ids_array((), prompts.shape[0], 2)
   rows = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), prompts.shape, mesh))
   prompts, mask = jax.device_put((jnp.asarray(prompts), jnp.asarray(mask)), rows)
+  pad = jnp.int32(0)
   with jax.set_mesh(mesh):
-    state0 = sampler_lib._prefill(graphdef, placed, prompts, mask, key, params, stop_ids, jnp.int32(0),  # pylint: disable=protected-access
-                                  num_samples=2, max_new_tokens=8, cache_dtype=None, mesh=mesh)
-    text = sampler_lib._decode.lower(graphdef, placed, state0, params, stop_ids, jnp.int32(0),  # pylint: disable=protected-access
-                                     mesh=mesh).compile().as_text()
+    state0 = sampler_lib._prefill(graphdef, placed, prompts, mask, key, params, stop_ids, pad, num_samples=2,
+                                  max_new_tokens=8, cache_dtype=None, mesh=mesh)
+    text = sampler_lib._decode.lower(graphdef, placed, state0, params, stop_ids, pad, mesh=mesh).compile().as_text()
   sizes = []
   for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", text):
     sizes.append(int(np.prod([int(d) for d in shape.split(",") if d])))

@@ -249,6 +249,13 @@ def test_unembedding_is_split_over_vocabulary_and_fsdp(mesh_results):
   assert mesh_results["capo/(8, 1, 1)/lm_head_shard_shape"] == [64, 32]  # pure data parallelism: replicated
 
 
+def test_capo_top_k_on_a_vocabulary_split_mesh_gathers_candidates_not_rows(mesh_results):
+  # The step's mask and update equal one device's on (2, 2, 2) (test above); its top-K gathers T·K candidates per
+  # position, where a plain top-K of the vocabulary-split logits all-gathers whole rows.
+  assert mesh_results["capo/(2, 2, 2)/whole_row_all_gathers"] == 0
+  assert mesh_results["capo/(2, 2, 2)/whole_row_all_gathers_plain_top_k"] >= 1
+
+
 @pytest.mark.parametrize("mesh", ["(2, 2, 2)", "(1, 1, 8)"])
 def test_top_k_of_a_vocabulary_split_array_is_the_global_top_k(mesh_results, mesh):
   key = f"top_k/{mesh}"
@@ -281,7 +288,8 @@ def test_decoding_with_gathered_weights_gathers_no_weight_per_step(mesh_results)
 
 def test_auto_decode_weights_gather_when_they_fit_a_quarter_of_the_device(mesh_results):
   # The test model's float32 weights: all of them on each device when gathered, 1/8 of the fsdp-split ones otherwise.
-  gathered, sharded = mesh_results["sampler/gathered_bytes_per_device"], mesh_results["sampler/sharded_bytes_per_device"]
+  gathered = mesh_results["sampler/gathered_bytes_per_device"]
+  sharded = mesh_results["sampler/sharded_bytes_per_device"]
   assert gathered == 4 * MODEL_PARAMETERS
   assert sharded < gathered / 4
   assert mesh_results["sampler/auto_on_cpu"] == "gathered"  # the CPU reports no memory limit
