@@ -2,6 +2,7 @@
 
     python -m experiments.eval --checkpoint=<folder> --data=<file> [--num_samples=4] [--k=1,4] [--temperature=0.6]
         [--top_p=0.95] [--max_new_tokens=1024] [--out=eval.json] [--export_hf=<folder>] [--gin_param=...]
+        [--mesh=-1,1,1]
 
 ``--checkpoint`` is one of
 
@@ -35,6 +36,10 @@ The k's (``--k``, default 1 and 4 and n, those <= n) give pass@k (the unbiased e
 samples), mean@k (the first k samples) and maj@k. The JSON (``--out``) holds the settings, the metrics, the breakdown
 by ``--breakdown`` fields, the reward's reason counts and, per problem, its samples' correctness and answers
 (and texts with ``--save_completions``). A table goes to stdout, progress to stderr.
+
+``--mesh=data,fsdp,tensor`` samples on a mesh of this process's devices (``capo_jax.sharding.make_mesh``; e.g.
+``-1,1,1``: every GPU of the host samples its share of the rows; ``1,1,8``: a model split over 8 devices), the same
+completions as on one device for the same seed.
 
 ``--export_hf=<folder>`` also writes the policy as a serving-ready HF folder (``capo_jax.models.export.export_hf``,
 with the sampling settings as its generation defaults); without ``--data`` it only exports.
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="Parameter and compute dtype.")
   p.add_argument("--gin_param", action="append", default=[], help="Binding applied on top of a run's config.gin.")
   p.add_argument("--export_hf", default=None, help="Also export the policy as an HF folder here.")
+  p.add_argument("--mesh", default=None, help="data,fsdp,tensor: sample on a mesh of this process's devices (one axis "
+                 "may be -1: the devices left over; e.g. -1,1,1 puts every device on data). Default: one device.")
   p.add_argument("--reward_timeout_s", type=float, default=5.0, help="Per-answer limit of the math verifier.")
   return p
 
@@ -113,6 +120,26 @@ def parse_ks(text: str | None, num_samples: int) -> list[int]:
     raise UsageError(f"--k={ks[-1]} exceeds --num_samples={num_samples}: pass@k needs at least k samples per "
                      f"problem; raise --num_samples to {ks[-1]} or lower --k.")
   return ks
+
+
+def parse_mesh(text: str | None):
+  """The ``jax.sharding.Mesh`` of ``--mesh`` over this process's devices, or None without the flag."""
+  if text is None:
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  from capo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from capo_jax.config import ConfigError, MeshConfig  # pylint: disable=g-import-not-at-top
+  try:
+    sizes = [int(part) for part in text.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise UsageError(f"--mesh takes three comma-separated integers data,fsdp,tensor (e.g. --mesh=-1,1,1), got "
+                     f"{text!r}.")
+  try:
+    return sharding.make_mesh(MeshConfig(*sizes), devices=jax.local_devices())
+  except ConfigError as e:
+    raise UsageError(f"--mesh={text}: {e}") from None
 
 
 def check_args(args) -> None:
@@ -378,12 +405,13 @@ class Samples(NamedTuple):
 
 def sample_and_score(policy: Policy, problems: Sequence[Any], *, num_samples: int, temperature: float, top_p: float,
                      max_new_tokens: int, batch_size: int, seed: int, reward_timeout_s: float,
-                     log=lambda _: None) -> Samples:
+                     mesh=None, log=lambda _: None) -> Samples:
   """Samples ``num_samples`` completions per problem in batches of ``batch_size`` prompts and scores them.
 
   Every batch has ``min(batch_size, P)`` prompts (the last one is filled up with copies of its final prompt, whose
   completions are dropped), so the sampler compiles once per prompt-length bucket. Batch b samples with
-  ``fold_in(PRNGKey(seed), b)``.
+  ``fold_in(PRNGKey(seed), b)``. With ``mesh`` the weights are placed on it once, in the sampler's decoding layout
+  (``capo_jax.sampling.decoding_shardings``), and every batch is sampled on it: the same completions as on one device.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -395,6 +423,9 @@ def sample_and_score(policy: Policy, problems: Sequence[Any], *, num_samples: in
 
   tokenizer = policy.tokenizer
   graphdef, params = nnx.split(policy.model)
+  if mesh is not None:
+    from capo_jax.sampling import decoding_shardings  # pylint: disable=g-import-not-at-top
+    params = jax.device_put(params, decoding_shardings(params, mesh))
   prompts = sequences.encode_prompts(tokenizer, [p.prompt for p in problems])
   size = min(batch_size, len(problems))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else policy.stop_ids[0]
@@ -409,7 +440,7 @@ def sample_and_score(policy: Policy, problems: Sequence[Any], *, num_samples: in
       batch_texts = sample_completions(graphdef, params, tokenizer, tokens, mask,
                                        jax.random.fold_in(jax.random.PRNGKey(seed), b), num_samples=num_samples,
                                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                       stop_ids=policy.stop_ids)[:real * num_samples]
+                                       stop_ids=policy.stop_ids, mesh=mesh)[:real * num_samples]
       golds = [p.answer for p in problems[start:start + real] for _ in range(num_samples)]
       details = rewards.math_reward_details(batch_texts, golds, pool=pool)
       reward_chunks.append(details.rewards_b)
@@ -457,6 +488,7 @@ def evaluate(args, log=lambda message: print(message, file=sys.stderr, flush=Tru
 
   check_args(args)
   ks = parse_ks(args.k, args.num_samples)
+  mesh = parse_mesh(args.mesh)
   group_fields = [f.strip() for f in args.breakdown.split(",") if f.strip()]
   try:
     fields = read_fields(args.data, file_format=args.format, schema=args.schema, split=args.split) if args.data else []
@@ -485,7 +517,7 @@ def evaluate(args, log=lambda message: print(message, file=sys.stderr, flush=Tru
       f"top_p={args.top_p:g}, max_new_tokens={args.max_new_tokens})")
   samples = sample_and_score(policy, problems, num_samples=args.num_samples, temperature=args.temperature,
                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             seed=args.seed, reward_timeout_s=args.reward_timeout_s, log=log)
+                             seed=args.seed, reward_timeout_s=args.reward_timeout_s, mesh=mesh, log=log)
   metrics = evaluate_samples(samples.correct_pn, ks, answers_pn=samples.answers_pn,
                              groups=breakdown_groups(problems, group_fields))
   results = {
@@ -497,6 +529,7 @@ def evaluate(args, log=lambda message: print(message, file=sys.stderr, flush=Tru
       "ks": ks,
       "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                    "seed": args.seed, "stop_ids": list(policy.stop_ids)},
+      "mesh": None if mesh is None else dict(mesh.shape),
       "metrics": {name: metrics[name] for name in metric_names(metrics)},
       "breakdown": metrics["breakdown"],
       "reasons": samples.reasons,

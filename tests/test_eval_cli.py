@@ -216,6 +216,28 @@ def test_cli_on_an_hf_folder_writes_the_metrics_and_prints_the_table(stand_in, t
                                               "subject=Prealgebra"]
 
 
+def test_cli_on_a_mesh_samples_the_one_device_completions(stand_in, tmp_path):
+  # Four host devices in a subprocess; --mesh=2,2,1 splits the rows over data × fsdp and gathers the weights once.
+  golds = ["2", "5", "7", "2", "5"]
+  data = write_jsonl(tmp_path / "math500.jsonl", math500_records(golds))
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=flags)
+  results = {}
+  for name, extra in (("one_device", []), ("mesh", ["--mesh=2,2,1"])):
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.eval", f"--checkpoint={stand_in}", f"--data={data}", "--num_samples=4",
+         "--k=1,2,4", "--max_new_tokens=16", "--batch_size=2", "--save_completions", f"--out={out}", *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results[name] = json.loads(out.read_text())
+  assert results["one_device"].pop("mesh") is None
+  assert results["mesh"].pop("mesh") == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert results["mesh"] == results["one_device"]  # every completion's text, answer and score, and the metrics
+  correct = check_results_against_the_samples(results["mesh"], golds, (1, 2, 4))
+  assert 0 < correct.sum() < correct.size
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input.
 
@@ -234,6 +256,8 @@ def good_data(tmp_path):
     ("bad_flag", "unrecognized arguments: --samples=3"),
     ("bad_top_p", "--top_p must be in \\(0, 1\\]"),
     ("no_data", "--data is required"),
+    ("bad_mesh", "--mesh takes three comma-separated integers data,fsdp,tensor .* got '2,2'"),
+    ("mesh_too_big", "--mesh=2,1,1: MeshConfig: data × fsdp × tensor = 2 but there are 1 devices"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(case, message, stand_in, good_data, tmp_path, capsys):
   bad_format = tmp_path / "math500.csv"
@@ -245,7 +269,9 @@ def test_bad_input_gives_one_line_and_exit_2(case, message, stand_in, good_data,
           "k_above_n": [f"--checkpoint={stand_in}", f"--data={good_data}", "--k=1,8"],
           "bad_flag": [f"--checkpoint={stand_in}", f"--data={good_data}", "--samples=3"],
           "bad_top_p": [f"--checkpoint={stand_in}", f"--data={good_data}", "--top_p=0"],
-          "no_data": [f"--checkpoint={stand_in}"]}[case]
+          "no_data": [f"--checkpoint={stand_in}"],
+          "bad_mesh": [f"--checkpoint={stand_in}", f"--data={good_data}", "--mesh=2,2"],
+          "mesh_too_big": [f"--checkpoint={stand_in}", f"--data={good_data}", "--mesh=2,1,1"]}[case]
   assert eval_cli.main(args) == 2
   captured = capsys.readouterr()
   lines = captured.err.strip().splitlines()

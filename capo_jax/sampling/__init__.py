@@ -12,6 +12,7 @@ from capo_jax.sampling.sampler import (
     Sampler,
     SamplingParams,
     bucket_length,
+    decoding_shardings,
     pad_prompts,
     sample,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "bucket_length",
+    "decoding_shardings",
     "pad_prompts",
     "process_logits",
     "sample",
