@@ -106,11 +106,16 @@ def _step_with_mask(graphdef, cfg: cfg_lib.TrainConfig):
   return optimizer, fn
 
 
+def _all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+  """The output shapes of the all-gathers in a compiled program's HLO text."""
+  shapes = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", hlo_text)
+  return [tuple(int(d) for d in shape.split(",") if d) for shape in shapes]
+
+
 def _whole_row_all_gathers(step, args) -> int:
   """How many all-gathers in the compiled ``step`` produce arrays whose last axis is the whole vocabulary."""
-  text = step.lower(*args).compile().as_text()
-  shapes = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", text)
-  return sum(1 for shape in shapes if shape.split(",")[-1] == str(MODEL.vocab_size))
+  shapes = _all_gather_shapes(step.lower(*args).compile().as_text())
+  return sum(1 for shape in shapes if shape and shape[-1] == MODEL.vocab_size)
 
 
 def learner_checks(out: dict, keep: dict) -> None:
@@ -278,10 +283,7 @@ def _decode_all_gathers(graphdef, state, prompts, mask, key, mesh, weights) -> l
     state0 = sampler_lib._prefill(graphdef, placed, prompts, mask, key, params, stop_ids, pad, num_samples=2,
                                   max_new_tokens=8, cache_dtype=None, mesh=mesh)
     text = sampler_lib._decode.lower(graphdef, placed, state0, params, stop_ids, pad, mesh=mesh).compile().as_text()
-  sizes = []
-  for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", text):
-    sizes.append(int(np.prod([int(d) for d in shape.split(",") if d])))
-  return sizes
+  return [int(np.prod(shape)) for shape in _all_gather_shapes(text)]
 
 
 def hf_load_checks(out: dict, keep: dict) -> None:
